@@ -1,0 +1,170 @@
+"""The VAR transformer (next-scale prediction), checkpoint-compatible with FoundationVision/VAR.
+
+Module and parameter names equal the keys of the released ``var_d*.pth`` files, so
+``load_state_dict(strict=True)`` works on them, derived buffers included. Attention never
+concatenates K/V itself: at inference it asks its layer's KV cache object (``amskv.kvcache``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from amskv.config import VARConfig
+
+# ln(100) rounded to float32, as the original computes it with torch.log(torch.tensor(100)).item().
+MAX_SCALE_MUL = 4.605170249938965
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        C, H = cfg.embed_dim, cfg.num_heads
+        self.num_heads, self.head_dim, self.l2_norm = H, C // H, cfg.attn_l2_norm
+        if self.l2_norm:
+            # per-head log temperature; the softmax scale is then 1
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
+            self.scale = 1.0
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.register_buffer("zero_k_bias", torch.zeros(C))  # K has no bias; kept because checkpoints carry it
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, kv=None) -> torch.Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))  # parameters, not K/V
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
+        if self.l2_norm:
+            scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
+            q = F.normalize(q, dim=-1).mul(scale_mul)
+            k = F.normalize(k, dim=-1)
+        if kv is not None:
+            k, v = kv.attend(q, k, v)  # (B, H, kept + L, hd) views into preallocated storage
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        if kv is not None:
+            kv.commit()  # the policy decides what this layer keeps; storage compacts
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))  # (B, H, L, hd) -> (B, L, C)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """One block: AdaLN-modulated attention and FFN, gated residuals."""
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        C = cfg.embed_dim
+        self.C, self.shared_aln = C, cfg.shared_aln
+        if cfg.shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
+        self.attn = SelfAttention(cfg)
+        self.ffn = FFN(C, round(C * cfg.mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+        if not cfg.shared_aln:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias=None, kv=None) -> torch.Tensor:
+        # cond: (B, C) class condition, or (B, 1, 6, C) from shared_ada_lin when AdaLN is shared
+        if self.shared_aln:
+            mods = self.ada_gss + cond
+        else:
+            mods = self.ada_lin(cond).view(-1, 1, 6, self.C)  # (B, 6C) -> (B, 1, 6, C)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)  # each (B, 1, C)
+        h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
+        x = x + self.attn(h, attn_bias, kv).mul_(gamma1)
+        h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
+        return x + self.ffn(h).mul(gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.C = cfg.embed_dim
+        self.ln_wo_grad = nn.LayerNorm(self.C, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(self.C, 2 * self.C))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)  # (B, 2C) -> 2 x (B, 1, C)
+        return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
+
+
+def level_layout(patch_nums: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale index of every token (1, L) and the block-causal additive mask (1, 1, L, L)."""
+    lvl = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)])  # (L,)
+    L = lvl.numel()
+    bias = torch.where(lvl.view(L, 1) >= lvl.view(1, L), 0.0, -torch.inf)  # key level <= query level
+    return lvl.view(1, L), bias.view(1, 1, L, L)
+
+
+class VAR(nn.Module):
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.config = cfg
+        C, L = cfg.embed_dim, cfg.seq_len
+        std = math.sqrt(1 / C / 3)
+        self.pos_start = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, C), std=std))
+        self.pos_1LC = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, L, C), std=std))
+        lvl_1L, attn_bias = level_layout(cfg.patch_nums)
+        self.register_buffer("lvl_1L", lvl_1L)
+        self.register_buffer("attn_bias_for_masking", attn_bias.contiguous())
+        self.word_embed = nn.Linear(cfg.cvae, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: the null class used by CFG
+        self.lvl_embed = nn.Embedding(cfg.num_scales, C)
+        if cfg.shared_aln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.blocks = nn.ModuleList([AdaLNSelfAttn(cfg) for _ in range(cfg.depth)])
+        self.head_nm = AdaLNBeforeHead(cfg)
+        self.head = nn.Linear(C, cfg.vocab_size)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def block_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """What every block receives: the class embedding, or its shared AdaLN projection."""
+        if self.config.shared_aln:
+            return self.shared_ada_lin(cond_BD).view(-1, 1, 6, self.config.embed_dim)  # (B, 6C) -> (B, 1, 6, C)
+        return cond_BD
+
+    def lvl_pos(self) -> torch.Tensor:
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC  # (1, L, C)
+
+    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_nm(h.float(), cond_BD.float()).float()).float()
+
+    def run_blocks(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias=None, kv_layers=None) -> torch.Tensor:
+        """All blocks, in the blocks' dtype; returns fp32 hidden states."""
+        dtype = self.blocks[0].attn.mat_qkv.weight.dtype
+        cond = self.block_condition(cond_BD.to(dtype))
+        x = x.to(dtype)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, attn_bias, None if kv_layers is None else kv_layers[i])
+        return x.float()
+
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (B, L, V) for all scales at once under the block-causal mask.
+
+        Unlike the original, no label dropout happens here; training code drops labels itself.
+        """
+        B, L = label_B.shape[0], self.config.seq_len
+        cond_BD = self.class_emb(label_B)  # (B, C)
+        sos = cond_BD.unsqueeze(1) + self.pos_start.expand(B, 1, -1)  # (B, 1, C)
+        x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1) + self.lvl_pos()  # (B, L, C)
+        h = self.run_blocks(x, cond_BD, self.attn_bias_for_masking[:, :, :L, :L])
+        return self.get_logits(h, cond_BD)
