@@ -1,0 +1,166 @@
+"""Every Prometheus metric of the amskv service, defined once.
+
+The service runs one uvicorn worker (the GPU batcher must live in one process), so a single
+in-process registry is correct and multiprocess mode is not needed. The registry is our own
+``REGISTRY`` rather than the library default, so importing a third-party module that registers
+metrics globally cannot leak series into ``/metrics`` and tests can render the exposition in isolation.
+
+Naming follows the Prometheus practices: prefix ``amskv_``, base units (seconds, bytes, 0..1 ratios),
+counters end in ``_total``. Labels are small closed enums only; never a class label, seed or request id.
+"""
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+# The `_created` series double the number of series per counter/histogram and no dashboard uses them
+# (same effect as PROMETHEUS_DISABLE_CREATED_SERIES=True). Must run before any metric is created.
+prometheus_client.disable_created_metrics()
+
+# generate_latest() with its default escaping writes the classic 0.0.4 text format; newer clients label
+# it "version=1.0.0", which older Prometheus servers and scrapers do not know, so state what we emit.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+# Closed label value sets, exported so callers and tests can pre-initialise or validate them.
+REJECT_REASONS = ("queue_full", "too_many_images", "draining", "invalid", "not_ready")
+CANCEL_STAGES = ("queued", "running")
+TIMEOUT_STAGES = ("queued", "running")
+FAILURE_REASONS = ("error", "oom")
+BATCH_STAGES = ("ar", "decode")
+
+# Bucket choices (serving-notes 7.2): an image request takes from ~0.1 s (one image, idle GPU) to
+# minutes (a 256-image request behind a full queue); the library default stops at 10 s.
+REQUEST_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+# Powers of two plus 192: the batch sizes a compiled/graph-captured model would be padded to.
+IMAGE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
+
+# --- counters ---------------------------------------------------------------------------------------
+REQUESTS = Counter(
+    "amskv_requests_total", "HTTP requests to the generate endpoints, by final status code.",
+    ["endpoint", "status"], registry=REGISTRY,
+)
+IMAGES_GENERATED = Counter(
+    "amskv_images_generated_total", "Images returned to clients.", ["model"], registry=REGISTRY,
+)
+REJECTED = Counter(
+    "amskv_requests_rejected_total", "Requests refused before queueing, by reason.",
+    ["reason"], registry=REGISTRY,
+)
+CANCELLED = Counter(
+    "amskv_requests_cancelled_total", "Requests whose client disconnected, by the stage they were in.",
+    ["stage"], registry=REGISTRY,
+)
+TIMED_OUT = Counter(
+    "amskv_requests_timed_out_total", "Requests whose deadline expired, by the stage they were in.",
+    ["stage"], registry=REGISTRY,
+)
+BATCH_FAILURES = Counter(
+    "amskv_batch_failures_total", "Batches that raised instead of producing images, by reason.",
+    ["reason"], registry=REGISTRY,
+)
+OOM = Counter(
+    "amskv_oom_total", "Out-of-memory errors caught by the batcher.", registry=REGISTRY,
+)
+BATCH_SPLITS = Counter(
+    "amskv_batch_splits_total", "Requests split across batches because they did not fit the free slots.",
+    registry=REGISTRY,
+)
+
+# --- gauges -----------------------------------------------------------------------------------------
+QUEUE_REQUESTS = Gauge("amskv_queue_requests", "Requests waiting in the queue.", registry=REGISTRY)
+QUEUE_IMAGES = Gauge(
+    "amskv_queue_images", "Images waiting in the queue (the admission unit).", registry=REGISTRY,
+)
+BATCH_RUNNING = Gauge(
+    "amskv_batch_running_images", "Images in the batch now on the device (0 when idle).", registry=REGISTRY,
+)
+BATCH_MAX = Gauge(
+    "amskv_batch_max_images", "Admissible images per batch derived from the KV budget (after OOM back-off).",
+    registry=REGISTRY,
+)
+KV_BUDGET = Gauge(
+    "amskv_kv_cache_budget_bytes", "KV-cache memory budget computed at startup.", registry=REGISTRY,
+)
+KV_USED = Gauge(
+    "amskv_kv_cache_used_bytes", "KV-cache bytes held by the running batch.", registry=REGISTRY,
+)
+KV_PER_IMAGE = Gauge(
+    "amskv_kv_cache_bytes_per_image", "KV-cache bytes one image needs under the active policy.",
+    ["model"], registry=REGISTRY,
+)
+KV_VANILLA_PER_IMAGE = Gauge(
+    "amskv_kv_cache_vanilla_bytes_per_image", "KV-cache bytes one image would need with the full cache.",
+    ["model"], registry=REGISTRY,
+)
+KV_REDUCTION = Gauge(
+    "amskv_kv_cache_reduction_ratio", "1 - policy bytes per image / vanilla bytes per image (0..1).",
+    registry=REGISTRY,
+)
+KV_USAGE_RATIO = Gauge(
+    "amskv_kv_cache_usage_ratio", "KV-cache used bytes / budget bytes (0..1).", registry=REGISTRY,
+)
+READY = Gauge("amskv_ready", "1 when the service accepts work (/readyz is 200), else 0.", registry=REGISTRY)
+DRAINING = Gauge("amskv_draining", "1 while the service drains after SIGTERM, else 0.", registry=REGISTRY)
+BUILD_INFO = Gauge(
+    "amskv_build_info", "Build and configuration metadata; the value is always 1.",
+    ["version", "model", "policy", "dtype", "device"], registry=REGISTRY,
+)
+
+# --- histograms -------------------------------------------------------------------------------------
+REQUEST_DURATION = Histogram(
+    "amskv_request_duration_seconds", "End-to-end duration of generate requests.",
+    ["endpoint"], buckets=REQUEST_DURATION_BUCKETS, registry=REGISTRY,
+)
+QUEUE_WAIT = Histogram(
+    "amskv_queue_wait_seconds", "Time from enqueue until the request's first image starts running.",
+    buckets=QUEUE_WAIT_BUCKETS, registry=REGISTRY,
+)
+BATCH_DURATION = Histogram(
+    "amskv_batch_duration_seconds", "Device time per batch, by stage.",
+    ["stage"], buckets=BATCH_DURATION_BUCKETS, registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "amskv_batch_size_images", "Images per executed batch.", buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
+)
+REQUEST_IMAGES = Histogram(
+    "amskv_request_images", "Images asked for per accepted request.",
+    buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
+)
+
+# Start the enum-labelled series at 0 so rate()/increase() in alerts see the first event instead of
+# a series appearing from nowhere (which PromQL cannot turn into a rate).
+for _reason in REJECT_REASONS:
+    REJECTED.labels(reason=_reason)
+for _stage in CANCEL_STAGES:
+    CANCELLED.labels(stage=_stage)
+for _stage in TIMEOUT_STAGES:
+    TIMED_OUT.labels(stage=_stage)
+for _reason in FAILURE_REASONS:
+    BATCH_FAILURES.labels(reason=_reason)
+for _stage in BATCH_STAGES:
+    BATCH_DURATION.labels(stage=_stage)
+
+
+def set_build_info(version: str, model: str, policy: str, dtype: str, device: str) -> None:
+    """Publish the one build-info series; earlier values are dropped so only the live config shows."""
+    BUILD_INFO.clear()
+    BUILD_INFO.labels(version=version, model=model, policy=policy, dtype=dtype, device=device).set(1)
+
+
+def render() -> tuple[bytes, str]:
+    """The text exposition of ``REGISTRY`` and its content type, for the ``/metrics`` handler."""
+    return generate_latest(REGISTRY), CONTENT_TYPE
