@@ -1,0 +1,32 @@
+# amskv API: class-conditional VAR image generation with the AMS-KV cache manager.
+# The CUDA 12.8 runtime image supports Hopper (H100/H200) and ships torch, which satisfies torch>=2.4.
+FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Only what the package build needs: keeps ./checkpoints and other local files out of the image.
+WORKDIR /opt/amskv/src
+COPY pyproject.toml README.md ./
+COPY amskv ./amskv
+COPY server ./server
+RUN pip install --no-cache-dir . \
+    && useradd --create-home --uid 10001 --user-group amskv
+
+# AMSKV_* variables configure the service at run time. Checkpoints are mounted read-only at /models and
+# named by AMSKV_VAR_CHECKPOINT / AMSKV_VAE_CHECKPOINT (docker-compose.yml sets them); without them the
+# service runs the small demo model bundled in the package, so the image default stays usable on CPU too.
+ENV AMSKV_DEVICE=cuda \
+    AMSKV_DTYPE=bf16 \
+    AMSKV_DRAIN_TIMEOUT_S=30
+
+WORKDIR /home/amskv
+USER 10001
+EXPOSE 8000
+
+# /readyz is 200 only after the model is loaded and warmed up; urllib raises (exit 1) on 503.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]
+
+CMD ["amskv", "serve", "--host", "0.0.0.0", "--port", "8000"]

