@@ -1,0 +1,154 @@
+"""The engine: a loaded VAR + VQVAE pair, a KV policy, and batched generation with memory figures.
+
+This is the library's entry point for the CLI and the server. It never reads the environment.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from amskv.config import VAR_PRESETS, VARConfig
+from amskv.generate import decode_images, generate_tokens
+from amskv.kvcache.policy import KVPolicy, make_policy
+from amskv.memory import DTYPES, KVMemory, kv_memory, max_batch
+from amskv.model.loading import CheckpointError, load_pair
+from amskv.model.var import VAR
+from amskv.model.vqvae import VQVAE
+from amskv.sampling import RowParams, SamplingParams
+
+DEMO_VAR, DEMO_VAE = "demo_var.pth", "demo_vae.pth"
+DECODE_CHUNK = 8  # images per VQVAE decoder call (padded): bounds memory at batch 256
+
+
+def bundled_checkpoints() -> tuple[Path, Path]:
+    """The demo model shipped inside the package."""
+    root = Path(str(resources.files("amskv") / "weights"))
+    var, vae = root / DEMO_VAR, root / DEMO_VAE
+    if not (var.is_file() and vae.is_file()):
+        raise CheckpointError(f"the bundled demo model is missing from {root}; reinstall amskv or pass --var/--vae")
+    return var, vae
+
+
+def model_name(cfg: VARConfig) -> str:
+    for preset in VAR_PRESETS.values():
+        p = preset.var
+        if (p.depth, p.embed_dim, p.patch_nums, p.num_classes, p.vocab_size) == \
+                (cfg.depth, cfg.embed_dim, cfg.patch_nums, cfg.num_classes, cfg.vocab_size):
+            return preset.name
+    return f"var-d{cfg.depth}-w{cfg.embed_dim}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # uint8 (B, H, W, C) on the CPU
+    tokens: list[torch.Tensor]  # per scale (B, pn*pn) int64
+    kv_allocated_bytes: int
+    kv_peak_stored_bytes: int
+    seconds_ar: float
+    seconds_decode: float
+    expansions: dict[int, int] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, var: VAR, vae: VQVAE, policy: KVPolicy, dtype: torch.dtype, device: torch.device,
+                 name: str | None = None):
+        self.var, self.vae, self.policy = var, vae, policy
+        self.dtype, self.device = dtype, device
+        self.config = var.config
+        self.model_name = name or model_name(var.config)
+        self.num_classes = var.config.num_classes
+        self.resolution = vae.config.resolution
+        self.channels = vae.config.in_channels
+
+    @classmethod
+    def load(cls, var_path: str | Path | None = None, vae_path: str | Path | None = None, *,
+             policy: str = "amskv", policy_args: dict | None = None, dtype: str = "fp32",
+             device: str = "cpu") -> "Engine":
+        """``None`` paths load the bundled demo model. Raises CheckpointError or ValueError on bad input."""
+        if (var_path is None) != (vae_path is None):
+            raise ValueError("give both --var and --vae, or neither for the bundled demo model")
+        if var_path is None:
+            var_path, vae_path = bundled_checkpoints()
+        torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+        var, vae = load_pair(var_path, vae_path)
+        kv_policy = make_policy(policy, var.config.patch_nums, policy_args)
+        var.to(torch_device)
+        vae.to(torch_device)
+        if torch_dtype != torch.float32:  # the transformer blocks run in the low precision; embeddings,
+            var.blocks.to(torch_dtype)  # the head, f_hat and the VQVAE stay in fp32
+            if var.config.shared_aln:
+                var.shared_ada_lin.to(torch_dtype)
+        return cls(var, vae, kv_policy, torch_dtype, torch_device)
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.name
+
+    def with_policy(self, policy: str, policy_args: dict | None = None) -> "Engine":
+        """The same weights under another KV policy."""
+        return Engine(self.var, self.vae, make_policy(policy, self.config.patch_nums, policy_args),
+                      self.dtype, self.device, self.model_name)
+
+    def memory(self, batch: int) -> KVMemory:
+        return kv_memory(self.config, self.policy, batch, self.dtype)
+
+    def kv_bytes_per_image(self) -> int:
+        return self.memory(1).allocated_bytes
+
+    def vanilla_kv_bytes_per_image(self) -> int:
+        return kv_memory(self.config, make_policy("vanilla", self.config.patch_nums), 1, self.dtype).allocated_bytes
+
+    def max_batch(self, budget_bytes: int, cap: int = 256) -> int:
+        return max_batch(budget_bytes, self.kv_bytes_per_image(), cap)
+
+    def _validate(self, labels: Sequence[int], seeds: Sequence[int], params) -> list[SamplingParams]:
+        if isinstance(params, SamplingParams):
+            params = [params] * len(labels)
+        if not (len(labels) == len(seeds) == len(params)) or not labels:
+            raise ValueError("labels, seeds and params must be non-empty and of equal length")
+        bad = [c for c in labels if not 0 <= int(c) < self.num_classes]
+        if bad:
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}, got {bad[:5]}")
+        if any(not 0 <= int(s) < 2**63 for s in seeds):
+            raise ValueError("seeds must be in 0..2**63-1")
+        return list(params)
+
+    @torch.inference_mode()
+    def generate_tokens(self, labels: Sequence[int], seeds: Sequence[int], params, observer=None):
+        params = self._validate(labels, seeds, params)
+        lab = torch.tensor([int(c) for c in labels], dtype=torch.int64, device=self.device)
+        sd = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=self.device)
+        return generate_tokens(self.var, self.vae, lab, sd, RowParams.stack(params, self.device), self.policy, observer)
+
+    @torch.inference_mode()
+    def generate(self, labels: Sequence[int], seeds: Sequence[int],
+                 params: Sequence[SamplingParams] | SamplingParams = SamplingParams()) -> GenerationResult:
+        """Image i depends only on (labels[i], seeds[i], params[i])."""
+        res = self.generate_tokens(labels, seeds, params)
+        t0 = time.perf_counter()
+        images = decode_images(self.vae, res.f_hat, DECODE_CHUNK)
+        return GenerationResult(images=images, tokens=[t.cpu() for t in res.tokens],
+                                kv_allocated_bytes=res.kv_allocated_bytes,
+                                kv_peak_stored_bytes=res.kv_peak_stored_bytes, seconds_ar=res.seconds,
+                                seconds_decode=time.perf_counter() - t0, expansions=res.expansions)

@@ -1,0 +1,102 @@
+"""The batched next-scale sampler: one call runs every scale for a batch of labels and seeds.
+
+Per image: label, seed and sampling parameters (cfg, top-k, top-p, more_smooth) may all differ within
+a batch. There is no Python loop over images or tokens inside the scale loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from amskv.kvcache.policy import KVPolicy
+from amskv.kvcache.storage import KVCache
+from amskv.memory import plan_kv
+from amskv.model.var import VAR
+from amskv.model.vqvae import VQVAE
+from amskv.sampling import RowParams, cfg_mix, filter_top_k_top_p_, sample_tokens, smooth_weights
+
+
+@dataclass
+class TokenResult:
+    f_hat: torch.Tensor  # (B, Cvae, pn_last, pn_last) fp32
+    tokens: list[torch.Tensor]  # per scale (B, pn*pn) int64
+    kv_allocated_bytes: int
+    kv_peak_stored_bytes: int
+    kept_after_scale: list  # [scale][layer] -> kept scale indices
+    expansions: dict[int, int] = field(default_factory=dict)
+    similarities: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def allocate_cache(var: VAR, policy: KVPolicy, batch: int, dtype: torch.dtype, device, observer=None) -> KVCache:
+    cfg = var.config
+    plan = plan_kv(policy, cfg.patch_nums, cfg.depth)  # worst case when layers decide online
+    return KVCache(policy, cfg.patch_nums, rows=2 * batch, heads=cfg.num_heads, head_dim=cfg.head_dim,
+                   capacities=list(plan.capacities), workspace_tokens=plan.workspace_tokens,
+                   dtype=dtype, device=device, observer=observer)
+
+
+@torch.no_grad()
+def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Tensor, params: RowParams,
+                    policy: KVPolicy, observer=None) -> TokenResult:
+    """labels, seeds: (B,) int64 on the model's device."""
+    t0 = time.perf_counter()
+    cfg, quant = var.config, vae.quantize
+    B, S, device = labels.shape[0], cfg.num_scales, labels.device
+    kv_dtype = var.blocks[0].attn.mat_qkv.weight.dtype
+    cache = allocate_cache(var, policy, B, kv_dtype, device, observer)
+
+    cond_BD = var.class_emb(torch.cat((labels, torch.full_like(labels, var.null_class))))  # (2B, C): cond | uncond
+    lvl_pos = var.lvl_pos()  # (1, L, C)
+    first_l = cfg.scale_tokens[0]
+    x = cond_BD.unsqueeze(1).expand(2 * B, first_l, -1) + var.pos_start.expand(2 * B, first_l, -1) \
+        + lvl_pos[:, :first_l]  # (2B, first_l, C)
+    f_hat = cond_BD.new_zeros(B, cfg.cvae, cfg.patch_nums[-1], cfg.patch_nums[-1])
+    smooth_any = bool(params.more_smooth.any())
+    tokens, cur = [], 0
+    for si, pn in enumerate(cfg.patch_nums):
+        ratio = si / (S - 1) if S > 1 else 0.0
+        cur += pn * pn
+        cache.begin_scale(si)
+        h = var.run_blocks(x, cond_BD, kv_layers=cache)
+        cache.end_scale()
+        logits = cfg_mix(var.get_logits(h, cond_BD), params.cfg, ratio)  # (B, pn^2, V)
+        filter_top_k_top_p_(logits, params.top_k, params.top_p)
+        idx = sample_tokens(logits, seeds, si)  # (B, pn^2)
+        tokens.append(idx)
+        code = quant.embedding(idx)  # (B, pn^2, Cvae)
+        if smooth_any:
+            soft = smooth_weights(logits, seeds, si, ratio) @ quant.embedding.weight  # (B, pn^2, Cvae)
+            code = torch.where(params.more_smooth.view(B, 1, 1), soft, code)
+        h_BChw = code.transpose(1, 2).reshape(B, cfg.cvae, pn, pn)  # (B, pn^2, Cv) -> (B, Cv, pn, pn)
+        nxt = quant.next_autoregressive_input(si, f_hat, h_BChw)
+        if si != S - 1:
+            pn_next = cfg.patch_nums[si + 1]
+            nxt = nxt.view(B, cfg.cvae, -1).transpose(1, 2)  # (B, Cv, pn', pn') -> (B, pn'^2, Cv)
+            x = (var.word_embed(nxt) + lvl_pos[:, cur:cur + pn_next * pn_next]).repeat(2, 1, 1)  # (2B, pn'^2, C)
+    return TokenResult(
+        f_hat=f_hat, tokens=tokens, kv_allocated_bytes=cache.allocated_bytes,
+        kv_peak_stored_bytes=cache.peak_stored_bytes, kept_after_scale=cache.kept_after_scale,
+        expansions=cache.expansions(), similarities=cache.similarities, seconds=time.perf_counter() - t0,
+    )
+
+
+@torch.no_grad()
+def decode_images(vae: VQVAE, f_hat: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """f_hat -> uint8 images (B, H, W, C) on the CPU, decoding exactly ``chunk`` images per call.
+
+    Convolution kernels pick algorithms by batch size, which changes results in the last ulp; padding
+    every call to the same size keeps an image independent of how many images share its batch.
+    Like the original demo, x in [0, 1] becomes uint8 by truncating x * 255.
+    """
+    out = []
+    dtype = vae.decoder.conv_in.weight.dtype
+    for part in f_hat.split(chunk):
+        n = part.shape[0]
+        if n < chunk:
+            part = torch.cat((part, part.new_zeros(chunk - n, *part.shape[1:])))  # pad to the fixed size
+        img = vae.fhat_to_img(part.to(dtype))[:n].float().add_(1).mul_(0.5)  # [-1, 1] -> [0, 1]
+        out.append(img.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())  # (b, C, H, W) -> (b, H, W, C)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)

@@ -1,0 +1,238 @@
+"""KV cache policies: each decides, after a layer has attended at a scale, what that layer keeps.
+
+Policies only decide; ``amskv.kvcache.storage`` stores. A policy works on scale indices and token counts,
+so the same code drives a real generation and the memory arithmetic (``amskv.memory``), which is what
+makes the predicted bytes equal the bytes held.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+Similarity = Callable[[], float]  # lazily computed inter-scale key similarity of one layer
+
+
+@dataclass
+class LayerState:
+    """What one layer holds: scale indices oldest first, its token budget, and whether it expanded."""
+
+    kept: list[int] = field(default_factory=list)
+    budget: int = 0
+    expanded_at: int | None = None  # scale at which the budget grew to C_max
+
+
+@dataclass(frozen=True)
+class Decision:
+    keep: bool  # store the scale just attended
+    evict: tuple[int, ...] = ()  # scales to drop, oldest first
+
+
+class KVPolicy:
+    """Base policy. ``decide`` may mutate the layer state and returns what the storage must do."""
+
+    name = "base"
+
+    def init_layer(self, layer: int) -> LayerState:
+        return LayerState()
+
+    def decide(self, state: LayerState, layer: int, si: int, scale_tokens: tuple[int, ...],
+               similarity: Similarity) -> Decision:
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return {}
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}({args})" if args else self.name
+
+    @staticmethod
+    def _is_last(si: int, scale_tokens: tuple[int, ...]) -> bool:
+        return si == len(scale_tokens) - 1
+
+
+class VanillaPolicy(KVPolicy):
+    """The original VAR: every scale is stored, the last one too (although nothing reads it)."""
+
+    name = "vanilla"
+
+    def decide(self, state, layer, si, scale_tokens, similarity):
+        state.kept.append(si)
+        return Decision(keep=True)
+
+
+class FullPolicy(KVPolicy):
+    """Every scale but the last: identical attention to vanilla, 37.6% less at 256 px."""
+
+    name = "full"
+
+    def decide(self, state, layer, si, scale_tokens, similarity):
+        if self._is_last(si, scale_tokens):
+            return Decision(keep=False)
+        state.kept.append(si)
+        return Decision(keep=True)
+
+
+class SinkWindowPolicy(KVPolicy):
+    """The first ``sink`` scales (locked) plus the last ``window`` scales. ``sink=0`` is a sliding window."""
+
+    def __init__(self, window: int = 2, sink: int = 0):
+        if window < 0 or sink < 0:
+            raise ValueError("window and sink must be >= 0")
+        self.window, self.sink = window, sink
+        self.name = "sink" if sink else "window"
+
+    def params(self):
+        return {"window": self.window, "sink": self.sink} if self.sink else {"window": self.window}
+
+    def decide(self, state, layer, si, scale_tokens, similarity):
+        if self._is_last(si, scale_tokens):
+            return Decision(keep=False)
+        state.kept.append(si)
+        unlocked = [s for s in state.kept if s >= self.sink]
+        evict = tuple(unlocked[: max(0, len(unlocked) - self.window)])
+        state.kept = [s for s in state.kept if s not in evict]
+        return Decision(keep=si in state.kept, evict=tuple(s for s in evict if s != si))
+
+
+class AMSKVPolicy(KVPolicy):
+    """AMS-KV (amskv-method.md §3.2 and §7).
+
+    - the first ``c_cds`` scales are condensed and locked;
+    - each layer starts with a budget of ``c_min`` tokens;
+    - on overflow, a layer whose inter-scale key similarity is below ``theta`` grows once to ``c_max``
+      (``demanding`` replaces that online test with per-layer flags from a calibration profile);
+    - otherwise the oldest unlocked scale is evicted (CLRU);
+    - a scale with more than ``c_max`` tokens is not cached, nor is the last scale;
+    - the scale just inserted is never evicted unless ``evict_newest`` (amskv-method.md §8.2).
+    """
+
+    name = "amskv"
+
+    def __init__(self, c_cds: int = 2, c_min: int = 100, c_max: int = 155, theta: float = 0.8,
+                 evict_newest: bool = False, demanding: tuple[bool, ...] | None = None):
+        if c_cds < 0 or c_min < 0 or c_max < c_min:
+            raise ValueError(f"need c_cds >= 0 and 0 <= c_min <= c_max (got {c_cds}, {c_min}, {c_max})")
+        self.c_cds, self.c_min, self.c_max, self.theta = c_cds, c_min, c_max, theta
+        self.evict_newest = evict_newest
+        self.demanding = None if demanding is None else tuple(bool(d) for d in demanding)
+        if self.demanding is not None:
+            self.name = "amskv-static"
+
+    def params(self):
+        p = {"c_cds": self.c_cds, "c_min": self.c_min, "c_max": self.c_max}
+        if self.demanding is None:
+            p["theta"] = self.theta
+        else:
+            p["demanding_layers"] = [i for i, d in enumerate(self.demanding) if d]
+        if self.evict_newest:
+            p["evict_newest"] = True
+        return p
+
+    def init_layer(self, layer: int) -> LayerState:
+        return LayerState(budget=self.c_min)
+
+    def is_demanding(self, layer: int, similarity: Similarity) -> bool:
+        if self.demanding is not None:
+            return layer < len(self.demanding) and self.demanding[layer]
+        return similarity() < self.theta
+
+    def decide(self, state, layer, si, scale_tokens, similarity):
+        if self._is_last(si, scale_tokens) or scale_tokens[si] > self.c_max:
+            return Decision(keep=False)  # skip rule: nothing is inserted, nothing is evicted
+        state.kept.append(si)
+        size = sum(scale_tokens[s] for s in state.kept)
+        evicted: list[int] = []
+        while size > state.budget:
+            if state.expanded_at is None and state.budget < self.c_max and self.is_demanding(layer, similarity):
+                state.budget, state.expanded_at = self.c_max, si
+                continue
+            victims = [s for s in state.kept if s >= self.c_cds and (s != si or self.evict_newest)]
+            if not victims:
+                break  # only locked scales and the newest remain: they stay over budget
+            state.kept.remove(victims[0])
+            evicted.append(victims[0])
+            size -= scale_tokens[victims[0]]
+        return Decision(keep=si in state.kept, evict=tuple(s for s in evicted if s != si))
+
+
+# Named parameter sets. Units: c_cds in scales, c_min/c_max in tokens per layer and sequence.
+# Chosen with `amskv memory` (targets: default <= 25% and aggressive <= 15% of vanilla's bytes at d30)
+# and the demo-model quality table (docs/demo-model.md).
+AMSKV_PRESETS: dict[str, dict[str, dict]] = {
+    "default": {
+        "256": {"c_cds": 2, "c_min": 100, "c_max": 155},
+        "512": {"c_cds": 2, "c_min": 330, "c_max": 640},
+        "demo": {"c_cds": 2, "c_min": 41, "c_max": 64},
+    },
+    "aggressive": {
+        "256": {"c_cds": 2, "c_min": 64, "c_max": 64},
+        "512": {"c_cds": 2, "c_min": 200, "c_max": 330},
+        "demo": {"c_cds": 2, "c_min": 25, "c_max": 36},
+    },
+}
+POLICY_NAMES = ("vanilla", "full", "window", "sink", "amskv", "amskv-static")
+
+
+def layout_key(patch_nums: tuple[int, ...]) -> str:
+    last = patch_nums[-1]
+    return {16: "256", 32: "512", 8: "demo"}.get(last, "256")
+
+
+def _coerce(value):
+    if not isinstance(value, str):
+        return value
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None, profile=None) -> KVPolicy:
+    """Build a policy by name. ``args`` are strings or values; ``preset`` picks a named AMS-KV set.
+
+    ``profile`` (a ``CalibrationProfile``, or a tuple of per-layer flags) feeds ``amskv-static``;
+    without one every layer is treated as cache-demanding, the safe upper bound.
+    """
+    args = {k.replace("-", "_"): _coerce(v) for k, v in (args or {}).items()}
+    if name == "vanilla":
+        policy: KVPolicy = VanillaPolicy()
+    elif name == "full":
+        policy = FullPolicy()
+    elif name == "window":
+        policy = SinkWindowPolicy(window=args.pop("window", 2), sink=0)
+    elif name == "sink":
+        policy = SinkWindowPolicy(window=args.pop("window", 1), sink=args.pop("sink", args.pop("c_cds", 2)))
+    elif name in ("amskv", "amskv-static"):
+        preset = args.pop("preset", "default")
+        if preset not in AMSKV_PRESETS:
+            raise ValueError(f"unknown AMS-KV preset {preset!r}; choose from {sorted(AMSKV_PRESETS)}")
+        params = dict(AMSKV_PRESETS[preset][layout_key(tuple(patch_nums))])
+        params.update({k: args.pop(k) for k in list(args) if k in ("c_cds", "c_min", "c_max", "theta", "evict_newest")})
+        if name == "amskv-static":
+            flags = args.pop("demanding", None)
+            if flags is None and profile is not None:
+                flags = getattr(profile, "demanding", profile)
+            params["demanding"] = tuple(flags) if flags is not None else "all"
+        policy = AMSKVPolicy(**{k: v for k, v in params.items() if k != "demanding"},
+                             demanding=_flags(params.get("demanding")))
+    else:
+        raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+    if args:
+        raise ValueError(f"unknown argument(s) for policy {name!r}: {sorted(args)}")
+    return policy
+
+
+def _flags(value):
+    if value is None:
+        return None
+    if value == "all":
+        return (True,) * 256  # more layers than any model has: every layer is demanding
+    if isinstance(value, str):
+        return tuple(c == "1" for c in value.replace(",", ""))
+    return tuple(bool(v) for v in value)

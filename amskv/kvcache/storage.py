@@ -1,0 +1,176 @@
+"""Preallocated KV storage: one K and one V buffer per layer, plus one workspace shared by all layers.
+
+The storage makes no decisions; a policy (``amskv.kvcache.policy``) does. Layout per layer:
+``k[rows, heads, capacity, head_dim]`` holds the kept scales contiguously, oldest first, so attention
+over [kept scales + current scale] is one SDPA call on a prefix view. The current scale is written
+right after the kept ones when it fits; otherwise the kept scales and the current one are assembled
+in the workspace (sized for the largest such moment of any layer). Evicting a scale compacts the
+buffer, so its memory is really reused. Nothing here calls ``torch.cat``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from amskv.kvcache.policy import Decision, KVPolicy, LayerState
+
+
+@dataclass(frozen=True)
+class Segment:
+    scale: int
+    start: int
+    length: int
+
+
+class Workspace:
+    """Scratch K/V for one layer at a time: [kept scales + current scale] when they exceed the layer buffer."""
+
+    def __init__(self, rows: int, heads: int, head_dim: int, tokens: int, dtype, device):
+        self.k = torch.empty(rows, heads, tokens, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class LayerKV:
+    """The object a layer's attention talks to: ``attend`` before SDPA, ``commit`` after it."""
+
+    def __init__(self, cache: "KVCache", layer: int, capacity: int):
+        self.cache, self.layer = cache, layer
+        rows, heads, head_dim = cache.rows, cache.heads, cache.head_dim
+        self.k = torch.empty(rows, heads, capacity, head_dim, dtype=cache.dtype, device=cache.device)
+        self.v = torch.empty_like(self.k)
+        self.capacity = capacity
+        self.segments: list[Segment] = []
+        self.length = 0
+        self.state: LayerState = cache.policy.init_layer(layer)
+        self._pending: tuple[int, int, bool] | None = None  # (tokens, in_workspace, kept_before)
+        self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Place the current scale after the kept ones; returns (rows, H, kept + T, hd) views."""
+        T, n = k.shape[2], self.length
+        if n + T <= self.capacity:
+            buf_k, buf_v, in_ws = self.k, self.v, False
+        else:
+            ws = self.cache.workspace
+            if ws is None or n + T > ws.k.shape[2]:
+                raise RuntimeError(f"layer {self.layer}: {n + T} tokens exceed the planned workspace")
+            buf_k, buf_v, in_ws = ws.k, ws.v, True
+            buf_k[:, :, :n].copy_(self.k[:, :, :n])
+            buf_v[:, :, :n].copy_(self.v[:, :, :n])
+        buf_k[:, :, n:n + T].copy_(k)
+        buf_v[:, :, n:n + T].copy_(v)
+        self._pending, self._buf = (T, in_ws, n), (buf_k, buf_v)
+        k_all, v_all = buf_k[:, :, :n + T], buf_v[:, :, :n + T]
+        if self.cache.observer is not None:
+            self.cache.observer(self.layer, self.cache.scale, q, k_all, v_all, self.segments)
+        return k_all, v_all
+
+    def similarity(self) -> float:
+        """Mean cosine similarity of the previous scale's keys (bilinearly resized) to the current keys.
+
+        Keys are L2-normalised per head, so this ranks layers like the negative L2 distance of
+        amskv-method.md §3.3. One value per layer: averaged over rows (batch and CFG), heads and tokens.
+        """
+        si = self.cache.scale
+        prev = next((s for s in self.segments if s.scale == si - 1), None)
+        if prev is None:
+            return float("inf")  # nothing to compare with: treat the layer as cache-efficient
+        T, _, n = self._pending
+        pn_prev, pn = self.cache.patch_nums[si - 1], self.cache.patch_nums[si]
+        rows, H, hd = self.k.shape[0], self.k.shape[1], self.k.shape[3]
+        k_prev = self.k[:, :, prev.start:prev.start + prev.length].float()  # (rows, H, pn_prev^2, hd)
+        k_prev = k_prev.permute(0, 1, 3, 2).reshape(rows * H, hd, pn_prev, pn_prev)  # -> (rows*H, hd, p, p)
+        k_prev = F.interpolate(k_prev, size=(pn, pn), mode="bilinear", align_corners=False)
+        k_prev = k_prev.reshape(rows, H, hd, pn * pn).permute(0, 1, 3, 2)  # -> (rows, H, pn^2, hd)
+        k_cur = self._buf[0][:, :, n:n + T].float()
+        sim = F.cosine_similarity(k_prev, k_cur, dim=-1).mean().item()
+        self.cache.similarities.setdefault(self.layer, {})[si] = sim
+        return sim
+
+    def commit(self) -> None:
+        T, in_ws, n = self._pending
+        si = self.cache.scale
+        decision: Decision = self.cache.policy.decide(self.state, self.layer, si, self.cache.scale_tokens,
+                                                      self.similarity)
+        current = Segment(si, n, T)
+        survivors = [s for s in self.segments if s.scale not in decision.evict]
+        if decision.keep:
+            survivors.append(current)
+        src_k, src_v = self._buf
+        pos, new_segments = 0, []
+        for seg in survivors:
+            if in_ws or seg.start != pos:
+                if pos + seg.length > self.capacity:
+                    raise RuntimeError(f"layer {self.layer}: policy kept more than the planned capacity")
+                block_k = src_k[:, :, seg.start:seg.start + seg.length]
+                block_v = src_v[:, :, seg.start:seg.start + seg.length]
+                if not in_ws:  # moving left inside one buffer may overlap: copy through a temporary
+                    block_k, block_v = block_k.clone(), block_v.clone()
+                self.k[:, :, pos:pos + seg.length].copy_(block_k)
+                self.v[:, :, pos:pos + seg.length].copy_(block_v)
+            new_segments.append(Segment(seg.scale, pos, seg.length))
+            pos += seg.length
+        self.segments, self.length = new_segments, pos
+        self._pending = self._buf = None
+        self.cache.note_commit(self.layer, self.length)
+
+    def kept_scales(self) -> list[int]:
+        return [s.scale for s in self.segments]
+
+
+class KVCache:
+    """All layers' storage for one batch, allocated from a memory plan (``amskv.memory.plan_kv``)."""
+
+    def __init__(self, policy: KVPolicy, patch_nums: tuple[int, ...], rows: int, heads: int, head_dim: int,
+                 capacities: list[int], workspace_tokens: int, dtype, device, observer=None):
+        self.policy, self.patch_nums = policy, tuple(patch_nums)
+        self.scale_tokens = tuple(p * p for p in self.patch_nums)
+        self.rows, self.heads, self.head_dim, self.dtype, self.device = rows, heads, head_dim, dtype, device
+        self.observer = observer
+        self.scale = 0
+        self.similarities: dict[int, dict[int, float]] = {}
+        self.workspace = Workspace(rows, heads, head_dim, workspace_tokens, dtype, device) if workspace_tokens else None
+        self.layers = [LayerKV(self, i, c) for i, c in enumerate(capacities)]
+        self._stored_tokens = [0] * len(capacities)
+        self.peak_stored_tokens = 0
+        self.kept_after_scale: list[list[list[int]]] = []  # [scale][layer] -> kept scale indices
+
+    def __getitem__(self, layer: int) -> LayerKV:
+        return self.layers[layer]
+
+    def begin_scale(self, si: int) -> None:
+        self.scale = si
+
+    def end_scale(self) -> None:
+        self.kept_after_scale.append([layer.kept_scales() for layer in self.layers])
+
+    def note_commit(self, layer: int, tokens: int) -> None:
+        self._stored_tokens[layer] = tokens
+        self.peak_stored_tokens = max(self.peak_stored_tokens, sum(self._stored_tokens))
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token position across K and V, all rows and heads."""
+        return 2 * self.rows * self.heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def allocated_bytes(self) -> int:
+        ws = self.workspace.nbytes if self.workspace is not None else 0
+        return sum(layer.nbytes for layer in self.layers) + ws
+
+    @property
+    def peak_stored_bytes(self) -> int:
+        return self.peak_stored_tokens * self.token_bytes
+
+    def expansions(self) -> dict[int, int]:
+        return {layer.layer: layer.state.expanded_at for layer in self.layers if layer.state.expanded_at is not None}
