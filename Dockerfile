@@ -8,7 +8,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Only what the package build needs: keeps ./checkpoints and other local files out of the image.
 WORKDIR /opt/amskv/src
-COPY pyproject.toml README.md ./
+# README*.md: the wildcard keeps the build working while the repo has no README yet.
+COPY pyproject.toml README*.md ./
 COPY amskv ./amskv
 COPY server ./server
 RUN pip install --no-cache-dir . \
