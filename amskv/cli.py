@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:  # only a command whose own module is absent is skipped
-            if exc.name != module_name:
+            if not (module_name == exc.name or module_name.startswith(f"{exc.name}.")):
                 raise
             continue
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)

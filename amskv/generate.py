@@ -84,19 +84,33 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
 
 
 @torch.no_grad()
-def decode_images(vae: VQVAE, f_hat: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """f_hat -> uint8 images (B, H, W, C) on the CPU, decoding exactly ``chunk`` images per call.
+def decode_images(vae: VQVAE, f_hat: torch.Tensor, tokens: list[torch.Tensor] | None = None,
+                  exact_rows: torch.Tensor | None = None, chunk: int = 8) -> torch.Tensor:
+    """Images as uint8 (B, H, W, C) on the CPU, decoding exactly ``chunk`` images per call.
 
-    Convolution kernels pick algorithms by batch size, which changes results in the last ulp; padding
-    every call to the same size keeps an image independent of how many images share its batch.
-    Like the original demo, x in [0, 1] becomes uint8 by truncating x * 255.
+    Convolutions pick kernels by batch size, which changes results in the last ulp. So f_hat is rebuilt
+    from the tokens and every decoder call is padded to the same size: an image is then bit-identical
+    whatever shares its batch. Rows where ``exact_rows`` is False (the soft ``more_smooth`` path) decode
+    the sampler's own f_hat. Like the original demo, x in [0, 1] becomes uint8 by truncating x * 255.
     """
     out = []
     dtype = vae.decoder.conv_in.weight.dtype
-    for part in f_hat.split(chunk):
-        n = part.shape[0]
-        if n < chunk:
-            part = torch.cat((part, part.new_zeros(chunk - n, *part.shape[1:])))  # pad to the fixed size
+    B = f_hat.shape[0]
+    for start in range(0, B, chunk):
+        n = min(chunk, B - start)
+        part = _padded(f_hat[start:start + n], chunk)
+        if tokens is not None:
+            rebuilt = vae.quantize.idx_to_fhat([_padded(t[start:start + n], chunk) for t in tokens])
+            keep = torch.ones(chunk, dtype=torch.bool, device=part.device)
+            if exact_rows is not None:
+                keep[:n] = exact_rows[start:start + n]
+            part = torch.where(keep.view(-1, 1, 1, 1), rebuilt, part)
         img = vae.fhat_to_img(part.to(dtype))[:n].float().add_(1).mul_(0.5)  # [-1, 1] -> [0, 1]
         out.append(img.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())  # (b, C, H, W) -> (b, H, W, C)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
+
+
+def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[0] == size:
+        return x
+    return torch.cat((x, x.new_zeros(size - x.shape[0], *x.shape[1:])))  # pad the batch to a fixed size

@@ -216,6 +216,8 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
         params.update({k: args.pop(k) for k in list(args) if k in ("c_cds", "c_min", "c_max", "theta", "evict_newest")})
         if name == "amskv-static":
             flags = args.pop("demanding", None)
+            if "profile" in args:
+                profile = load_profile(args.pop("profile"))
             if flags is None and profile is not None:
                 flags = getattr(profile, "demanding", profile)
             params["demanding"] = tuple(flags) if flags is not None else "all"
@@ -226,6 +228,20 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
     if args:
         raise ValueError(f"unknown argument(s) for policy {name!r}: {sorted(args)}")
     return policy
+
+
+def load_profile(path) -> tuple[bool, ...]:
+    """Per-layer demand flags from a calibration profile written by `amskv analyze --calibrate`.
+
+    Format: JSON with at least ``{"format": "amskv-profile/1", "demanding": [bool, ...]}``.
+    """
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != "amskv-profile/1" or not isinstance(data.get("demanding"), list):
+        raise ValueError(f"{path} is not an amskv calibration profile (format amskv-profile/1)")
+    return tuple(bool(x) for x in data["demanding"])
 
 
 def _flags(value):
