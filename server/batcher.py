@@ -1,0 +1,220 @@
+"""The queue between HTTP handlers and the inference thread: admission, batch formation, deadlines.
+
+Thread-safe and torch-free. Handlers call `submit` and `cancel` from the event loop; the single
+inference thread calls `take_batch` and then `complete`. Jobs are served by (priority, arrival);
+a job larger than the room left in a batch is split, and its remainder stays at the front so no
+later arrival of the same priority overtakes it.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from server import metrics
+from server.errors import ApiError, GenerationTimeout, Unavailable
+from server.jobs import BatchPlan, BatchSlice, Job, JobStatus
+
+
+class ClientGone(Exception):
+    """Set on the future of a job whose client disconnected or gave up; nobody reads it."""
+
+
+class Batcher:
+    def __init__(self, *, max_queue_images: int, max_queue_delay_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_queue_images = max_queue_images
+        self.max_queue_delay_s = max_queue_delay_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._queue: list[Job] = []  # sorted by (priority, seq); holds jobs with images not yet scheduled
+        self._running: BatchPlan | None = None
+        self._seq = itertools.count()
+        self._queued_images = 0
+        self._draining = False
+        self._closed: ApiError | None = None
+        self._seconds_per_image = 0.0  # moving average, only for the Retry-After hint
+
+    # --- event-loop side ------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue a job or raise Unavailable (queue_full, draining, or the closing error)."""
+        with self._cond:
+            if self._closed is not None:
+                raise Unavailable(self._closed.message, code=self._closed.code, retry_after_s=30)
+            if self._draining:
+                metrics.REJECTED.labels(reason="draining").inc()
+                raise Unavailable("server is draining; retry on another replica", code="draining",
+                                  retry_after_s=5)
+            if self._queued_images + job.num_images > self.max_queue_images:
+                metrics.REJECTED.labels(reason="queue_full").inc()
+                raise Unavailable(
+                    f"queue is full ({self._queued_images} of {self.max_queue_images} images waiting)",
+                    code="queue_full", retry_after_s=self._retry_after_s())
+            job.seq = next(self._seq)
+            self._queue.append(job)
+            self._queue.sort(key=lambda j: (j.priority, j.seq))
+            self._queued_images += job.num_images
+            metrics.REQUEST_IMAGES.observe(job.num_images)
+            self._publish()
+            self._cond.notify_all()
+
+    def cancel(self, job: Job, error: BaseException | None = None) -> None:
+        """Drop a job whose client went away or whose deadline passed; results still running are discarded."""
+        with self._cond:
+            if job.status.is_finished():
+                return
+            stage = "queued" if job.status == JobStatus.QUEUED else "running"
+            if isinstance(error, ApiError) and error.code in ("queue_timeout", "generation_timeout"):
+                metrics.TIMED_OUT.labels(stage=stage).inc()
+                self._finish(job, JobStatus.EXPIRED, error)
+            else:
+                metrics.CANCELLED.labels(stage=stage).inc()
+                self._finish(job, JobStatus.CANCELLED, error or ClientGone())
+            self._publish()
+            self._cond.notify_all()
+
+    def start_draining(self) -> None:
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def is_idle(self) -> bool:
+        with self._cond:
+            return not self._queue and self._running is None
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    # --- inference-thread side ------------------------------------------------------------------
+    def take_batch(self, max_images: int, timeout_s: float) -> BatchPlan | None:
+        """Block until a batch should run, then return it; None after `timeout_s` or once closed.
+
+        A batch runs when the queue holds `max_images` images, when the oldest waiting job has
+        waited `max_queue_delay_s`, or at once while draining.
+        """
+        if max_images < 1:
+            raise ValueError("max_images must be at least 1")
+        give_up = self._clock() + timeout_s
+        with self._cond:
+            while True:
+                now = self._clock()
+                self._expire(now)
+                if self._closed is not None:
+                    return None
+                if self._queue:
+                    oldest = min(j.arrival for j in self._queue)
+                    if (self._queued_images >= max_images or self._draining
+                            or now - oldest >= self.max_queue_delay_s):
+                        return self._form(max_images, now)
+                    wake = min(oldest + self.max_queue_delay_s, give_up)
+                else:
+                    wake = give_up
+                if now >= give_up:
+                    return None
+                self._cond.wait(max(wake - now, 0.0005))
+
+    def complete(self, plan: BatchPlan, outputs: Sequence[Any], seconds: float) -> None:
+        """Hand back one output per image of `plan`: an image, or the exception that image hit."""
+        if len(outputs) != plan.num_images:
+            raise ValueError(f"plan has {plan.num_images} images but {len(outputs)} outputs came back")
+        with self._cond:
+            position = 0
+            for piece in plan.slices:
+                job = piece.job
+                piece_outputs = outputs[position:position + piece.count]
+                position += piece.count
+                job.inference_time_s += seconds
+                job.batches += 1
+                job.batch_images = max(job.batch_images, plan.num_images)
+                if job.status.is_finished():
+                    continue  # cancelled or expired meanwhile: discard
+                error = next((o for o in piece_outputs if isinstance(o, BaseException)), None)
+                if error is not None:
+                    self._finish(job, JobStatus.FAILED, error)
+                    continue
+                job.outputs[piece.start:piece.start + piece.count] = piece_outputs
+                job.finished_images += piece.count
+                if job.finished_images == job.num_images:
+                    job.status = JobStatus.DONE
+                    if not job.future.done():
+                        job.future.set_result(job.result())
+            if plan.num_images:
+                per_image = seconds / plan.num_images
+                self._seconds_per_image = per_image if not self._seconds_per_image else (
+                    0.8 * self._seconds_per_image + 0.2 * per_image)
+            self._running = None
+            self._publish()
+            self._cond.notify_all()
+
+    def close(self, error: ApiError) -> None:
+        """Fail every queued and running job with `error` and refuse new ones (worker gone or shut down)."""
+        with self._cond:
+            self._closed = error
+            jobs = list(self._queue)
+            if self._running is not None:
+                jobs += [s.job for s in self._running.slices]
+            for job in jobs:
+                if not job.status.is_finished():
+                    self._finish(job, JobStatus.FAILED, error)
+            self._running = None
+            self._publish()
+            self._cond.notify_all()
+
+    # --- internals (caller holds the lock) ------------------------------------------------------
+    def _form(self, max_images: int, now: float) -> BatchPlan:
+        slices, room = [], max_images
+        for job in list(self._queue):
+            if room == 0:
+                break
+            take = min(room, job.pending_images)
+            slices.append(BatchSlice(job, job.next_image, take))
+            if job.next_image == 0 and take < job.num_images:
+                metrics.BATCH_SPLITS.inc()
+            job.next_image += take
+            room -= take
+            self._queued_images -= take
+            if job.started_at is None:
+                job.started_at = now
+                metrics.QUEUE_WAIT.observe(now - job.arrival)
+            job.status = JobStatus.RUNNING
+            if job.pending_images == 0:
+                self._queue.remove(job)
+        self._running = BatchPlan(slices)
+        self._publish()
+        return self._running
+
+    def _expire(self, now: float) -> None:
+        for job in [j for j in self._queue if j.deadline <= now]:
+            stage = "queued" if job.status == JobStatus.QUEUED else "running"
+            metrics.TIMED_OUT.labels(stage=stage).inc()
+            if stage == "queued":
+                error: ApiError = Unavailable("request deadline passed while it waited in the queue",
+                                              code="queue_timeout", retry_after_s=self._retry_after_s())
+            else:
+                error = GenerationTimeout("request deadline passed before all its images were generated")
+            self._finish(job, JobStatus.EXPIRED, error)
+        self._publish()
+
+    def _finish(self, job: Job, status: JobStatus, error: BaseException) -> None:
+        if job in self._queue:
+            self._queue.remove(job)
+            self._queued_images -= job.pending_images
+        job.status = status
+        if not job.future.done():
+            job.future.set_exception(error)
+
+    def _retry_after_s(self) -> int:
+        estimate = self._queued_images * self._seconds_per_image
+        return int(min(60, max(1, math.ceil(estimate))))
+
+    def _publish(self) -> None:
+        metrics.QUEUE_REQUESTS.set(len(self._queue))
+        metrics.QUEUE_IMAGES.set(self._queued_images)

@@ -1,0 +1,134 @@
+"""`amskv serve`: run the HTTP server (uvicorn, one process that owns the device).
+
+Flags override AMSKV_* environment variables. On SIGTERM the server first drains: /readyz turns
+503, new requests get 503, queued work finishes within AMSKV_DRAIN_TIMEOUT_S; then uvicorn shuts
+down and re-raises the signal (the conventional exit). A second signal skips the drain.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from server.settings import Settings, describe_validation_error
+
+HELP = "run the HTTP inference server (uvicorn, one worker process)"
+
+logger = logging.getLogger(__name__)
+
+# flag -> Settings field; only flags given on the command line override the environment.
+FLAG_FIELDS = {"host": "host", "port": "port", "var": "var_checkpoint", "vae": "vae_checkpoint",
+               "policy": "policy", "dtype": "dtype", "device": "device", "max_batch": "max_batch",
+               "log_level": "log_level"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="bind address (AMSKV_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="bind port (AMSKV_PORT, default 8000)")
+    parser.add_argument("--var", metavar="CKPT", help="VAR checkpoint (AMSKV_VAR_CHECKPOINT; default: bundled model)")
+    parser.add_argument("--vae", metavar="CKPT", help="VQVAE checkpoint (AMSKV_VAE_CHECKPOINT)")
+    parser.add_argument("--policy", help="KV-cache policy (AMSKV_POLICY, default amskv)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="AMSKV_DTYPE (default fp32 on cpu)")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="AMSKV_DEVICE (default auto)")
+    parser.add_argument("--max-batch", type=int, help="AMSKV_MAX_BATCH (at most 256)")
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items()
+                 if getattr(args, flag, None) is not None}
+    return Settings(**overrides)
+
+
+def check_paths(settings: Settings) -> list[str]:
+    problems = []
+    for name, path in (("var_checkpoint", settings.var_checkpoint), ("vae_checkpoint", settings.vae_checkpoint)):
+        if path is not None and not os.path.isfile(path):
+            problems.append(f"invalid setting AMSKV_{name.upper()}: no such file {path!r}")
+    return problems
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args)
+    except ValidationError as exc:
+        print(describe_validation_error(exc), file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # e.g. AMSKV_POLICY_ARGS that is not JSON
+        print(f"invalid setting: {exc}: {exc.__cause__}", file=sys.stderr)
+        return 2
+    problems = check_paths(settings)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        settings.resolved_device(torch.cuda.is_available())
+    except ValueError as exc:
+        print(f"invalid setting AMSKV_DEVICE: {exc}", file=sys.stderr)
+        return 2
+    from server.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1,
+                            log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or 1,
+                            access_log=settings.log_level == "debug")
+    server = DrainingServer(config, app)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits 3 when the lifespan (engine load) fails
+        return int(exc.code or 0)
+    return 0 if server.started else 3
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the service before the usual shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        service = getattr(self._app.state, "service", None)
+        if self._draining or self.should_exit or service is None or self._loop is None:
+            return super().handle_exit(sig, frame)  # a second signal, or nothing to drain yet
+        self._draining = True
+        self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
+        logger.info("received %s: draining (at most %.0f s)", signal.Signals(sig).name,
+                    service.settings.drain_timeout_s)
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit(service)))
+
+    async def _drain_then_exit(self, service: Any) -> None:
+        try:
+            await service.drain()
+        finally:
+            self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="amskv serve", description=HELP)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Every error a client can see, and the one place that maps them to HTTP.
+
+The body is always the OpenAI-style envelope
+``{"error": {"message", "type", "code", "param"}}``; 503s carry ``Retry-After``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and envelope fields."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+class InvalidRequest(ApiError):
+    status, type, code = 422, "invalid_request_error", "invalid_value"
+
+
+class BodyTooLarge(ApiError):
+    status, type, code = 413, "invalid_request_error", "body_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+class NotFound(ApiError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class Unavailable(ApiError):
+    """Capacity or lifecycle refusals (queue_full, draining, not_ready, worker_dead, queue_timeout)."""
+
+    status, type, code = 503, "overloaded_error", "unavailable"
+
+    def __init__(self, message: str, *, code: str, retry_after_s: int = 1, param: str | None = None) -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s, param=param)
+
+
+class GenerationTimeout(ApiError):
+    status, type, code = 504, "timeout_error", "generation_timeout"
+
+
+class JobFailed(ApiError):
+    """The batch holding this request failed; details stay in the server log."""
+
+    status, type, code = 500, "server_error", "generation_failed"
+
+
+class OutOfMemory(JobFailed):
+    code = "gpu_oom"
+
+
+def envelope(message: str, type_: str, code: str, param: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    body = envelope(exc.message, exc.type, exc.code, exc.param)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
+
+
+def _param_name(loc: tuple[Any, ...]) -> str | None:
+    """("body", "class_labels", 2) -> "class_labels[2]"; the bare "body" location means the whole body."""
+    parts = [p for p in loc if p != "body"]
+    if not parts:
+        return "body"
+    name = str(parts[0])
+    for part in parts[1:]:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return name
+
+
+def _allowed_range(schema: dict[str, Any], field: str) -> str:
+    """Bounds of a top-level body field from its JSON schema, e.g. "allowed: 0 <= cfg_scale <= 20"."""
+    prop = schema.get("properties", {}).get(field, {})
+    candidates = [prop, *prop.get("anyOf", [])]
+    for spec in candidates:
+        low = spec.get("minimum", spec.get("exclusiveMinimum"))
+        high = spec.get("maximum", spec.get("exclusiveMaximum"))
+        if low is not None or high is not None:
+            lo = f"{low} <= " if low is not None else ""
+            hi = f" <= {high}" if high is not None else ""
+            return f" (allowed: {lo}{field}{hi})"
+        if "enum" in spec:
+            return f" (allowed: {', '.join(map(str, spec['enum']))})"
+    return ""
+
+
+def validation_error(exc: RequestValidationError, body_schema: dict[str, Any] | None) -> InvalidRequest:
+    """Turn FastAPI's list of errors into one envelope naming the first bad field and its range."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    param = "body" if first.get("type") == "json_invalid" else _param_name(tuple(first["loc"]))
+    field = param.split("[")[0].split(".")[0]
+    message = f"{param}: {first['msg']}"
+    if body_schema is not None:
+        message += _allowed_range(body_schema, field)
+    if first.get("type") == "missing" and param == "body":
+        message = "request body is required (a JSON object)"
+    elif first.get("type") == "json_invalid":
+        message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error(s))"
+    return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def register_exception_handlers(app: FastAPI, body_schema: dict[str, Any] | None = None,
+                                on_invalid: Any = None) -> None:
+    """Install the handlers that produce the envelope; `on_invalid(request)` counts rejected bodies."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if on_invalid is not None:
+            on_invalid(request)
+        return error_response(validation_error(exc, body_schema))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = envelope(str(exc.detail), "invalid_request_error", code, None)
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(ApiError("internal server error"))

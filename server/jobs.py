@@ -1,0 +1,106 @@
+"""Plain data passed between the HTTP layer, the batcher and the worker.
+
+A `Job` is one accepted request, counted in images. The batcher cuts jobs into `BatchSlice`s; a
+`BatchPlan` is the slices of one engine call. The job's `future` is a thread-safe
+`concurrent.futures.Future`: the worker thread resolves it, the event loop awaits it with
+`asyncio.wrap_future`.
+"""
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+_plan_ids = itertools.count(1)
+
+
+class JobStatus(IntEnum):
+    """Live states first; everything from DONE on is finished."""
+
+    QUEUED = 0
+    RUNNING = 1  # at least one image is scheduled or generated; more may still be queued
+    DONE = 2
+    FAILED = 3
+    CANCELLED = 4
+    EXPIRED = 5
+
+    def is_finished(self) -> bool:
+        return self >= JobStatus.DONE
+
+
+@dataclass(frozen=True)
+class JobResult:
+    images: list[Any]  # one uint8 array (H, W, C) per image, in request order
+    queue_time_s: float
+    inference_time_s: float
+    batch_images: int
+    batches: int
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    labels: list[int]  # one entry per image
+    seeds: list[int]  # one entry per image
+    params: Any  # amskv.sampling.SamplingParams shared by every image of the job
+    priority: int
+    arrival: float  # monotonic seconds
+    deadline: float  # monotonic seconds
+    seq: int = 0  # arrival order, set by the batcher
+    status: JobStatus = JobStatus.QUEUED
+    next_image: int = 0  # first image not yet handed to a batch
+    future: Future = field(default_factory=Future)
+    outputs: list[Any] = field(default_factory=list)
+    finished_images: int = 0
+    started_at: float | None = None
+    inference_time_s: float = 0.0
+    batch_images: int = 0
+    batches: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.seeds) or not self.labels:
+            raise ValueError("a job needs one label and one seed per image, and at least one image")
+        self.outputs = [None] * len(self.labels)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    @property
+    def pending_images(self) -> int:
+        """Images not yet handed to a batch."""
+        return self.num_images - self.next_image
+
+    def result(self) -> JobResult:
+        return JobResult(images=list(self.outputs),
+                         queue_time_s=(self.started_at or self.arrival) - self.arrival,
+                         inference_time_s=self.inference_time_s,
+                         batch_images=self.batch_images, batches=self.batches)
+
+
+@dataclass(frozen=True)
+class BatchSlice:
+    job: Job
+    start: int  # first image index inside the job
+    count: int
+
+
+@dataclass
+class BatchPlan:
+    slices: list[BatchSlice]
+    id: int = field(default_factory=lambda: next(_plan_ids))
+
+    @property
+    def num_images(self) -> int:
+        return sum(s.count for s in self.slices)
+
+    def labels(self) -> list[int]:
+        return [lab for s in self.slices for lab in s.job.labels[s.start:s.start + s.count]]
+
+    def seeds(self) -> list[int]:
+        return [seed for s in self.slices for seed in s.job.seeds[s.start:s.start + s.count]]
+
+    def params(self) -> list[Any]:
+        return [s.job.params for s in self.slices for _ in range(s.count)]

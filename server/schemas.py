@@ -1,0 +1,114 @@
+"""HTTP request and response models. pydantic lives only at this edge; inner layers use dataclasses."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from server.settings import MAX_BATCH_CEILING
+
+SEED_MAX = 2**32 - 1
+CFG_MAX = 20.0
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /v1/generate. Total images = len(class_labels) * n."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    class_labels: list[StrictInt | StrictStr] = Field(
+        ..., min_length=1, max_length=MAX_BATCH_CEILING,
+        description="class indices, WordNet ids (n01440764) or class names",
+        examples=[[207, "n01440764", "volcano"]])
+    n: int = Field(1, ge=1, le=MAX_BATCH_CEILING, description="images per class label")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX,
+                             description="image i uses (seed + i) mod 2**32; omitted = server picks one")
+    cfg_scale: float = Field(4.0, ge=0.0, le=CFG_MAX, allow_inf_nan=False, description="classifier-free guidance")
+    top_k: int = Field(900, ge=0, description="0 = off; at most the vocabulary size")
+    top_p: float = Field(0.95, ge=0.0, le=1.0, allow_inf_nan=False, description="0 = off")
+    more_smooth: bool = Field(False, description="Gumbel-softmax smoothing of the sampled tokens")
+    response_format: Literal["b64_json", "zip", "png"] = Field(
+        "b64_json", description="png only when exactly one image is requested")
+    priority: int = Field(1, ge=0, le=2, description="0 = most urgent")
+    timeout_ms: int | None = Field(None, ge=1, description="may only shorten the server's request timeout")
+
+
+class ImageData(BaseModel):
+    index: int
+    class_label: int
+    seed: int
+    b64_json: str
+
+
+class Usage(BaseModel):
+    images: int
+    queue_time_s: float = Field(description="arrival until the first image of the request started")
+    inference_time_s: float = Field(description="wall time of the batches that ran this request")
+    batch_images: int = Field(description="largest batch (in images) this request ran in")
+    batches: int = Field(description="batches the request was split across")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    created: int
+    model: str
+    data: list[ImageData]
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "amskv"
+    num_classes: int
+    resolution: int
+    channels: int
+    policy: str
+    dtype: str
+    device: str
+    kv_bytes_per_image: int
+    vanilla_kv_bytes_per_image: int
+    max_batch: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ClassInfo(BaseModel):
+    index: int
+    wnid: str | None
+    names: list[str]
+
+
+class ClassList(BaseModel):
+    model: str
+    data: list[ClassInfo]
+
+
+class HealthStatus(BaseModel):
+    status: Literal["STARTING", "READY", "DRAINING", "UNHEALTHY"]
+    detail: str | None = None
+
+
+# Shared by every route that can fail, so the OpenAPI document shows the envelope.
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (413, "body too large"), (415, "not JSON"), (422, "invalid field (param names it)"),
+        (500, "generation failed"), (503, "queue full, draining or not ready; see Retry-After"),
+        (504, "generation did not finish before the request deadline"),
+    ]
+}

@@ -1,0 +1,93 @@
+"""Server settings: one pydantic-settings object read from AMSKV_* environment variables and CLI flags.
+
+The library (`amskv/`) never reads the environment; everything it needs is passed from here.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 2**30
+# Hard ceiling on images in one engine call, whatever the memory would allow (serving-notes §7.1).
+MAX_BATCH_CEILING = 256
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Field names map to AMSKV_<NAME> environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="AMSKV_", extra="ignore", validate_default=True)
+
+    # Model.
+    var_checkpoint: str | None = Field(None, description="VAR checkpoint path; None = bundled default model")
+    vae_checkpoint: str | None = Field(None, description="VQVAE checkpoint path; None = bundled default")
+    policy: str = Field("amskv", min_length=1, description="KV-cache policy name")
+    policy_args: dict[str, Any] = Field(default_factory=dict, description="policy keyword arguments (env: JSON)")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="None = fp32 on cpu, bf16 on cuda")
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads; None = default")
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
+
+    # Batching and admission.
+    max_batch: int = Field(MAX_BATCH_CEILING, ge=1, le=MAX_BATCH_CEILING)
+    max_queue_delay_ms: float = Field(10.0, ge=0, le=60_000)
+    max_queue_images: int = Field(1024, ge=1)
+    max_images_per_request: int = Field(256, ge=1, le=MAX_BATCH_CEILING)
+    request_timeout_s: float = Field(120.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    # Memory.
+    kv_budget_gib: float = Field(1.0, gt=0, description="KV budget on cpu, GiB")
+    gpu_mem_fraction: float = Field(0.9, gt=0, le=1, description="share of free device memory for KV")
+
+    # Test-only fault injection; never enable in production.
+    fault_injection: bool = False
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.max_images_per_request > self.max_queue_images:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) exceeds max_queue_images "
+                f"({self.max_queue_images}); such a request could never be queued. Lower "
+                "AMSKV_MAX_IMAGES_PER_REQUEST or raise AMSKV_MAX_QUEUE_IMAGES")
+        return self
+
+    def resolved_device(self, cuda_available: bool) -> str:
+        if self.device == "auto":
+            return "cuda" if cuda_available else "cpu"
+        if self.device == "cuda" and not cuda_available:
+            raise ValueError("AMSKV_DEVICE=cuda but torch sees no CUDA device; use cpu or auto")
+        return self.device
+
+    def resolved_dtype(self, device: str) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return "bf16" if device == "cuda" else "fp32"
+
+    @property
+    def cpu_kv_budget_bytes(self) -> int:
+        return int(self.kv_budget_gib * GIB)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad setting, named by its environment variable."""
+    lines = []
+    for err in exc.errors():
+        name = "_".join(str(part) for part in err["loc"][:1]).upper()
+        where = f"AMSKV_{name}" if name else "AMSKV_* settings"
+        message = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"invalid setting {where}: {message}{got}")
+    return "\n".join(lines)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,242 @@
+"""The real server: `python -m server.cli` (uvicorn) on a loopback port with the bundled default model."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.classes import ClassCatalog
+from server.errors import InvalidRequest
+
+REPO = Path(__file__).resolve().parents[2]
+READY_WAIT_S = 180
+# Small limits so batching, splitting and overload show up with a handful of requests.
+SERVER_ENV = {"AMSKV_MAX_BATCH": "4", "AMSKV_MAX_QUEUE_IMAGES": "16", "AMSKV_MAX_IMAGES_PER_REQUEST": "16",
+              "AMSKV_MAX_QUEUE_DELAY_MS": "200"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"server-{self.port}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AMSKV_")}
+        full_env.update({"AMSKV_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", **env})
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        self.wait_for(lambda: httpx.get(f"{self.base}/readyz", timeout=5).status_code == 200, READY_WAIT_S,
+                      "/readyz 200")
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+    def wait_for(self, check, timeout_s: float, what: str):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited ({self.process.returncode}) waiting for {what}:\n{self.log_tail()}")
+            try:
+                result = check()
+            except httpx.HTTPError:
+                result = None
+            if result:
+                return result
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}:\n{self.log_tail()}")
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.base}/metrics", timeout=10).text
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith(name) and not line.startswith("#")]
+        return sum(values)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("api"), SERVER_ENV)
+    yield srv
+    srv.stop()
+
+
+def post(base: str, body, **kwargs) -> httpx.Response:
+    return httpx.post(f"{base}/v1/generate", json=body, timeout=120, **kwargs)
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def concurrently(base: str, bodies: list[dict]) -> list[httpx.Response]:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: post(base, body), bodies))
+
+
+def test_health_model_card_classes_and_docs(server):
+    assert httpx.get(f"{server.base}/livez").status_code == 200
+    assert httpx.get(f"{server.base}/readyz").json()["status"] == "READY"
+    card = httpx.get(f"{server.base}/v1/models").json()["data"][0]
+    assert card["kv_bytes_per_image"] > 0 and 1 <= card["max_batch"] <= 4
+    classes = httpx.get(f"{server.base}/v1/classes").json()["data"]
+    assert len(classes) == card["num_classes"]
+    if card["num_classes"] == 10:
+        assert classes[3]["names"][0] == "three"
+    assert "/v1/generate" in httpx.get(f"{server.base}/openapi.json").json()["paths"]
+    assert httpx.get(f"{server.base}/docs").status_code == 200
+    assert httpx.post(f"{server.base}/_test/faults", json={"kill_worker": True}).status_code == 404
+
+
+def test_images_decode_at_the_model_resolution_in_every_format(server):
+    card = httpx.get(f"{server.base}/v1/models").json()["data"][0]
+    side, mode = card["resolution"], "L" if card["channels"] == 1 else "RGB"
+
+    response = post(server.base, {"class_labels": [1, 2], "n": 2, "seed": 7})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == card["id"] and body["id"] == response.headers["x-request-id"]
+    assert [(d["index"], d["class_label"], d["seed"]) for d in body["data"]] == \
+        [(0, 1, 7), (1, 1, 8), (2, 2, 9), (3, 2, 10)]
+    for item in body["data"]:
+        image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+        assert image.format == "PNG" and image.size == (side, side) and image.mode == mode
+    assert body["usage"]["images"] == 4 and body["usage"]["inference_time_s"] > 0
+
+    png = post(server.base, {"class_labels": [1], "seed": 7, "response_format": "png"})
+    assert png.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.content))), decode(body["data"][0]["b64_json"]))
+
+    archive = zipfile.ZipFile(io.BytesIO(post(server.base, {"class_labels": [2], "n": 2, "seed": 9,
+                                                               "response_format": "zip"}).content))
+    manifest = json.loads(archive.read("manifest.json"))
+    files = [item["file"] for item in manifest["data"]]
+    assert files == ["000_2_9.png", "001_2_10.png"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(archive.read(files[0])))),
+                          decode(body["data"][2]["b64_json"]))
+
+
+def test_concurrent_requests_share_a_batch_and_images_do_not_depend_on_batch_mates(server):
+    alone = post(server.base, {"class_labels": [3], "seed": 1234, "cfg_scale": 2.0}).json()
+    assert alone["usage"]["batch_images"] == 1
+    bodies = [{"class_labels": [3], "seed": 1234, "cfg_scale": 2.0}] + [
+        {"class_labels": [label], "seed": 99 + label, "top_k": 50, "top_p": 0.8} for label in range(5)]
+    responses = concurrently(server.base, bodies)
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    batch_sizes = [r.json()["usage"]["batch_images"] for r in responses]
+    assert max(batch_sizes) > 1, batch_sizes  # different sampling parameters shared a batch
+    assert server.metric("amskv_batch_size_images_count") >= 1
+    busy = responses[0].json()
+    assert np.array_equal(decode(busy["data"][0]["b64_json"]), decode(alone["data"][0]["b64_json"]))
+
+
+def test_large_request_is_split_across_batches(server):
+    response = post(server.base, {"class_labels": ["seven"], "n": 10, "seed": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [d["seed"] for d in body["data"]] == list(range(5, 15))
+    assert body["usage"]["batches"] == 3 and body["usage"]["batch_images"] == 4
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"class_labels": [1], "cfg_scale": 25}, "cfg_scale"),
+    ({"class_labels": [1], "cfg_scale": -1}, "cfg_scale"),
+    ({"class_labels": [1], "seed": 2**32}, "seed"),
+    ({"class_labels": [1], "seed": -1}, "seed"),
+    ({"class_labels": [1], "top_p": 1.5}, "top_p"),
+    ({"class_labels": [1], "n": 0}, "n"),
+    ({"class_labels": [1, "no-such-class"]}, "class_labels[1]"),
+    ({"class_labels": [1, 12345]}, "class_labels[1]"),
+    ({"class_labels": []}, "class_labels"),
+    ({"class_labels": [1], "colour": "red"}, "colour"),
+    ({"class_labels": [1], "n": 17}, "n"),  # more than AMSKV_MAX_IMAGES_PER_REQUEST
+    ({"class_labels": [1, 2], "response_format": "png"}, "response_format"),
+    ({"class_labels": [1], "top_k": 10**9}, "top_k"),
+])
+def test_bad_fields_get_422_naming_the_field(server, body, param):
+    response = post(server.base, body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert param.split("[")[0] in error["message"] or "class" in error["message"]
+
+
+def test_nan_empty_body_wrong_type_and_oversized_body(server):
+    url = f"{server.base}/generate"
+    nan = httpx.post(url, content=b'{"class_labels": [1], "cfg_scale": NaN}',
+                     headers={"content-type": "application/json"})
+    assert nan.status_code == 422 and nan.json()["error"]["param"] == "cfg_scale"
+    empty = httpx.post(url)
+    assert empty.status_code == 422 and empty.json()["error"]["param"] == "body"
+    wrong = httpx.post(url, content=b"class_labels=1", headers={"content-type": "text/plain"})
+    assert wrong.status_code == 415 and wrong.json()["error"]["code"] == "unsupported_media_type"
+    huge = httpx.post(url, json={"class_labels": [1] * 40000})
+    assert huge.status_code == 413 and "65536" in huge.json()["error"]["message"]
+
+
+def test_overload_gets_503_with_retry_after_and_accepted_requests_succeed(server):
+    responses = concurrently(server.base, [{"class_labels": [1], "n": 16}] * 6)
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] == "queue_full"
+            assert int(response.headers["retry-after"]) >= 1
+        else:
+            assert response.status_code == 200 and len(response.json()["data"]) == 16
+    assert server.metric('amskv_requests_rejected_total{reason="queue_full"}') >= statuses.count(503)
+
+
+def test_sigterm_finishes_queued_work_and_exits_cleanly(tmp_path):
+    srv = Server(tmp_path, {**SERVER_ENV, "AMSKV_MAX_QUEUE_DELAY_MS": "3000"})
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(post, srv.base, {"class_labels": [label], "seed": 1}) for label in range(3)]
+            srv.wait_for(lambda: srv.metric("amskv_queue_requests") == 3, 30, "three queued requests")
+            srv.process.send_signal(signal.SIGTERM)
+            responses = [f.result(timeout=60) for f in futures]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert srv.process.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        srv.stop()
+
+
+def test_imagenet_catalog_resolves_indices_wordnet_ids_and_names():
+    catalog = ClassCatalog.imagenet()
+    assert len(catalog) == 1000
+    assert catalog.resolve_all([207, "n01440764", "Golden Retriever", "980"]) == [207, 0, 207, 980]
+    assert catalog.entries[0].names[0] == "tench"
+    with pytest.raises(InvalidRequest) as ambiguous:  # "crane" is a bird (134) and a machine (517)
+        catalog.resolve_all([1, "crane"])
+    assert ambiguous.value.param == "class_labels[1]" and "n02012849" in ambiguous.value.message
+    with pytest.raises(InvalidRequest) as unknown:
+        catalog.resolve_all(["n99999999"])
+    assert unknown.value.param == "class_labels[0]"
