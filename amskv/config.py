@@ -98,7 +98,7 @@ VAR_PRESETS: dict[str, ModelPreset] = {
         "demo-mnist",
         VARConfig(depth=4, embed_dim=128, num_heads=4, num_classes=10, vocab_size=512, cvae=16,
                   patch_nums=PATCH_NUMS_DEMO),
-        VQVAEConfig(vocab_size=512, z_channels=16, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, in_channels=1,
-                    patch_nums=PATCH_NUMS_DEMO, ema_rows=len(PATCH_NUMS_DEMO)),
+        VQVAEConfig(vocab_size=512, z_channels=16, ch=8, ch_mult=(1, 2, 8), num_res_blocks=1, in_channels=1,
+                    using_sa=False, using_mid_sa=False, patch_nums=PATCH_NUMS_DEMO, ema_rows=len(PATCH_NUMS_DEMO)),
     ),
 }

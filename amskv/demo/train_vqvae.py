@@ -27,7 +27,7 @@ VAE_CHECKPOINT = "vqvae_checkpoint.pt"
 
 @dataclass(frozen=True)
 class VQVAETrainConfig:
-    steps: int = 1800
+    steps: int = 1200
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100

