@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--vqvae-steps", type=int, default=VQVAETrainConfig.steps)
     parser.add_argument("--var-steps", type=int, default=VARTrainConfig.steps)
+    parser.add_argument("--var-budget-minutes", type=float, default=0.0,
+                        help="if > 0: the recipe's wall-clock schedule (cosine over this budget, as many steps as fit) "
+                             "instead of --var-steps; ends on time on a loaded machine, but is not bit-reproducible")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     parser.add_argument("--limit", type=int, default=0, help="train on the first N train images only (0: all 50k)")
@@ -85,8 +88,10 @@ def run_tokenize(args, out: Path) -> dict:
 
 def run_var(args, out: Path) -> dict:
     tokens = load_tokens(out / TOKENS_FILE)
-    cfg = VARTrainConfig(steps=args.var_steps, batch_size=args.batch_size, max_minutes=args.minutes,
-                         checkpoint_every=args.checkpoint_every, seed=args.seed)
+    timed = args.var_budget_minutes > 0
+    cfg = VARTrainConfig(steps=10**9 if timed else args.var_steps, batch_size=args.batch_size,
+                         max_minutes=args.minutes, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                         time_budget_minutes=args.var_budget_minutes if timed else None)
     result = train_var(VAR_PRESETS["demo"].var, tokens, out, cfg, resume=args.resume, progress=not args.no_progress)
     summary = {"steps": result.steps_done, "finished": result.finished, "seconds": round(result.seconds, 1),
                "epochs": round(result.steps_done * cfg.batch_size / tokens.indices.shape[0], 2),

@@ -1,8 +1,10 @@
 """Stages 2 and 3 of the demo training: tokenise MNIST with the trained VQ-VAE, then train the VAR transformer.
 
 The VAR is trained with teacher forcing (``VAR.forward`` applies the block-causal mask): cross-entropy over all
-positions, 10 % label dropout to the null class, AdamW, warm-up then cosine. The schedule is step-based rather
-than wall-clock-based so a run is reproducible and resumable; the step count is chosen to fit the time budget.
+positions, 10 % label dropout to the null class, AdamW, warm-up then cosine. By default the schedule is
+step-based, so a run is reproducible and resumes bit-identically. With ``time_budget_minutes`` it follows the
+recipe's wall-clock schedule instead: the run always ends on time on a loaded machine, but how many steps it makes
+depends on the machine.
 """
 from __future__ import annotations
 
@@ -47,7 +49,10 @@ class VARTrainConfig:
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
     checkpoint_every: int = 200
-    max_minutes: float = 30.0
+    max_minutes: float = 30.0  # hard cap per invocation
+    # None: step-based schedule (reproducible). A number: the recipe's wall-clock schedule - train until this many
+    # minutes have passed (summed over resumed invocations) with the cosine a function of elapsed / budget.
+    time_budget_minutes: float | None = None
     seed: int = 0
 
 
@@ -59,6 +64,7 @@ class VARTrainResult:
     final_loss: float  # mean train CE over the last 50 steps
     token_accuracy_per_scale: list[float]  # teacher-forced argmax accuracy over the last 50 steps
     weights_path: Path
+    loss_history: list[float]  # train CE of every step since step 0 (resumed runs included)
 
 
 @torch.no_grad()
@@ -116,10 +122,14 @@ def make_optimizer(model: VAR, cfg: VARTrainConfig) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
 
-def lr_at(step: int, cfg: VARTrainConfig) -> float:
-    """Linear warm-up, then cosine to zero at the last step."""
+def lr_at(step: int, cfg: VARTrainConfig, time_fraction: float | None = None) -> float:
+    """Linear warm-up, then cosine to zero at the last step, or at the end of the budget if time_fraction is
+    given (elapsed / budget; the warm-up factor then multiplies the cosine, as the recipe's wall-clock schedule)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    if time_fraction is not None:
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, time_fraction)))
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return cfg.lr * warm
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -138,8 +148,12 @@ def _save_checkpoint(path: Path, model, optimizer, step, history, elapsed) -> No
 
 
 def train_var(var_cfg: VARConfig, tokens: TokenSet, out_dir: str | Path, cfg: VARTrainConfig = VARTrainConfig(),
-              resume: bool = False, progress: bool = True) -> VARTrainResult:
-    """Train on a TokenSet; writes ``demo_var.pth`` (plain state dict, buffers included) to out_dir."""
+              resume: bool = False, progress: bool = True,
+              max_new_steps: int | None = None) -> VARTrainResult:
+    """Train on a TokenSet; writes ``demo_var.pth`` (plain state dict, buffers included) to out_dir.
+
+    ``resume`` continues from the checkpoint in out_dir; ``max_new_steps`` ends this call early (checkpointed).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / VAR_CHECKPOINT
@@ -156,13 +170,27 @@ def train_var(var_cfg: VARConfig, tokens: TokenSet, out_dir: str | Path, cfg: VA
     params = [p for p in model.parameters() if p.requires_grad]
     scale_of_token = model.lvl_1L[0]  # (L,) scale index per position
     n_scales, n_items = var_cfg.num_scales, tokens.labels.shape[0]
+    timed = cfg.time_budget_minutes is not None
+    budget_s = (cfg.time_budget_minutes or 0.0) * 60
+    stop_at = cfg.steps if max_new_steps is None else min(cfg.steps, step + max_new_steps)
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="var", unit="step", disable=not progress, mininterval=2.0)
-    while step < cfg.steps:
-        if time.perf_counter() - t0 > cfg.max_minutes * 60:
+
+    def elapsed() -> float:  # training time over all invocations of this run
+        return elapsed_before + time.perf_counter() - t0
+
+    def done() -> bool:
+        return elapsed() >= budget_s if timed else step >= cfg.steps
+
+    # the bar counts seconds of the budget in time mode, steps otherwise, so its ETA is right in both
+    bar = tqdm(total=round(budget_s) if timed else cfg.steps, initial=round(elapsed_before) if timed else step,
+               desc="var", unit="s" if timed else "step", disable=not progress, mininterval=2.0)
+    while not done() and step < (cfg.steps if timed else stop_at):
+        if time.perf_counter() - t0 > cfg.max_minutes * 60 or (timed and max_new_steps is not None
+                                                               and step >= stop_at):
             break
+        lr = lr_at(step, cfg, elapsed() / budget_s if timed else None)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr
         rows = batch_indices(step, n_items, cfg.batch_size, cfg.seed)
         target = tokens.indices[rows].long()  # (B, L)
         labels = drop_labels(tokens.labels[rows], model.null_class, cfg.label_dropout, cfg.seed, step)
@@ -178,16 +206,18 @@ def train_var(var_cfg: VARConfig, tokens: TokenSet, out_dir: str | Path, cfg: VA
             per_scale /= torch.bincount(scale_of_token, minlength=n_scales)
         history.append([loss.item(), *per_scale.tolist()])
         step += 1
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(ckpt_path, model, optimizer, step, history, elapsed_before + time.perf_counter() - t0)
-        bar.update(1)
-        bar.set_postfix(ce=f"{history[-1][0]:.3f}", lr=f"{lr_at(step - 1, cfg):.2e}")
+        if step % cfg.checkpoint_every == 0 or done():
+            _save_checkpoint(ckpt_path, model, optimizer, step, history, elapsed())
+        bar.update(round(elapsed()) - bar.n if timed else 1)
+        bar.set_postfix(step=step, ce=f"{history[-1][0]:.3f}", lr=f"{lr:.2e}")
     bar.close()
-    if step < cfg.steps:  # stopped by the wall-clock cap: keep the progress for --resume
-        _save_checkpoint(ckpt_path, model, optimizer, step, history, elapsed_before + time.perf_counter() - t0)
+    finished = done()
+    if not finished:  # stopped early (cap or max_new_steps): keep the progress for --resume
+        _save_checkpoint(ckpt_path, model, optimizer, step, history, elapsed())
     weights_path = out_dir / VAR_FILE
     torch.save(model.state_dict(), weights_path)
     tail = history[-50:]
     mean = [sum(col) / len(tail) for col in zip(*tail)] if tail else [float("nan")] * (1 + n_scales)
-    return VARTrainResult(steps_done=step, finished=step >= cfg.steps, seconds=time.perf_counter() - t0,
-                          final_loss=mean[0], token_accuracy_per_scale=mean[1:], weights_path=weights_path)
+    return VARTrainResult(steps_done=step, finished=finished, seconds=time.perf_counter() - t0,
+                          final_loss=mean[0], token_accuracy_per_scale=mean[1:], weights_path=weights_path,
+                          loss_history=[h[0] for h in history])

@@ -50,6 +50,7 @@ class VQVAETrainResult:
     final_vq_loss: float
     codes_used: int  # codes hit during the last restart window
     weights_path: Path
+    recon_history: list[float]  # recon MSE of every step since step 0 (resumed runs included)
 
 
 def quantize_for_training(quantizer: VectorQuantizer2, f: torch.Tensor, commitment: float):
@@ -153,8 +154,12 @@ def _save_checkpoint(path: Path, model, optimizer, step, hits, history, elapsed)
 
 def train_vqvae(vae_cfg: VQVAEConfig, images: torch.Tensor, out_dir: str | Path,
                 cfg: VQVAETrainConfig = VQVAETrainConfig(), resume: bool = False,
-                progress: bool = True) -> VQVAETrainResult:
-    """Train on ``images`` (N, 1, 32, 32) in [-1, 1]; writes ``demo_vae.pth`` (plain state dict) to out_dir."""
+                progress: bool = True, max_new_steps: int | None = None) -> VQVAETrainResult:
+    """Train on ``images`` (N, 1, 32, 32) in [-1, 1]; writes ``demo_vae.pth`` (plain state dict) to out_dir.
+
+    ``resume`` continues from the checkpoint in out_dir; ``max_new_steps`` ends this call early (checkpointed),
+    so a run can be split into pieces that together equal one uninterrupted run.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / VAE_CHECKPOINT
@@ -174,9 +179,10 @@ def train_vqvae(vae_cfg: VQVAEConfig, images: torch.Tensor, out_dir: str | Path,
     scales = len(quantizer.patch_nums)
     restart_end = int(cfg.restart_until * cfg.steps)
     codes_used = int((hits > 0).sum())
+    stop_at = cfg.steps if max_new_steps is None else min(cfg.steps, step + max_new_steps)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc="vqvae", unit="step", disable=not progress, mininterval=2.0)
-    while step < cfg.steps:
+    while step < stop_at:
         if time.perf_counter() - t0 > cfg.max_minutes * 60:
             break
         for group in optimizer.param_groups:
@@ -216,4 +222,4 @@ def train_vqvae(vae_cfg: VQVAEConfig, images: torch.Tensor, out_dir: str | Path,
     return VQVAETrainResult(
         steps_done=step, finished=step >= cfg.steps, seconds=time.perf_counter() - t0,
         final_recon_mse=sum(h[0] for h in tail) / len(tail), final_vq_loss=sum(h[1] for h in tail) / len(tail),
-        codes_used=codes_used, weights_path=weights_path)
+        codes_used=codes_used, weights_path=weights_path, recon_history=[h[0] for h in history])
