@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from amskv.kvcache.profile import load_profile  # noqa: F401 - re-exported, make_policy reads profiles
+
 Similarity = Callable[[], float]  # lazily computed inter-scale key similarity of one layer
 
 
@@ -124,7 +126,7 @@ class AMSKVPolicy(KVPolicy):
         if self.demanding is None:
             p["theta"] = self.theta
         else:
-            p["demanding_layers"] = [i for i, d in enumerate(self.demanding) if d]
+            p["demanding_layers"] = "all" if all(self.demanding) else [i for i, d in enumerate(self.demanding) if d]
         if self.evict_newest:
             p["evict_newest"] = True
         return p
@@ -143,10 +145,13 @@ class AMSKVPolicy(KVPolicy):
         state.kept.append(si)
         size = sum(scale_tokens[s] for s in state.kept)
         evicted: list[int] = []
+        tested = False  # the similarity is asked at most once per scale: it cannot change while evicting
         while size > state.budget:
-            if state.expanded_at is None and state.budget < self.c_max and self.is_demanding(layer, similarity):
-                state.budget, state.expanded_at = self.c_max, si
-                continue
+            if state.expanded_at is None and state.budget < self.c_max and not tested:
+                tested = True
+                if self.is_demanding(layer, similarity):
+                    state.budget, state.expanded_at = self.c_max, si
+                    continue
             victims = [s for s in state.kept if s >= self.c_cds and (s != si or self.evict_newest)]
             if not victims:
                 break  # only locked scales and the newest remain: they stay over budget
@@ -199,7 +204,9 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
     ``profile`` (a ``CalibrationProfile``, or a tuple of per-layer flags) feeds ``amskv-static``;
     without one every layer is treated as cache-demanding, the safe upper bound.
     """
-    args = {k.replace("-", "_"): _coerce(v) for k, v in (args or {}).items()}
+    raw = {k.replace("-", "_"): v for k, v in (args or {}).items()}
+    # flags ("0110", "0,1,1,0") and paths stay strings: number coercion would turn "0110" into 110
+    args = {k: v if k in ("demanding", "profile") else _coerce(v) for k, v in raw.items()}
     if name == "vanilla":
         policy: KVPolicy = VanillaPolicy()
     elif name == "full":
@@ -220,7 +227,7 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
                 profile = load_profile(args.pop("profile"))
             if flags is None and profile is not None:
                 flags = getattr(profile, "demanding", profile)
-            params["demanding"] = tuple(flags) if flags is not None else "all"
+            params["demanding"] = flags if flags is not None else "all"
         policy = AMSKVPolicy(**{k: v for k, v in params.items() if k != "demanding"},
                              demanding=_flags(params.get("demanding")))
     else:
@@ -230,25 +237,14 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
     return policy
 
 
-def load_profile(path) -> tuple[bool, ...]:
-    """Per-layer demand flags from a calibration profile written by `amskv analyze --calibrate`.
-
-    Format: JSON with at least ``{"format": "amskv-profile/1", "demanding": [bool, ...]}``.
-    """
-    import json
-    from pathlib import Path
-
-    data = json.loads(Path(path).read_text())
-    if data.get("format") != "amskv-profile/1" or not isinstance(data.get("demanding"), list):
-        raise ValueError(f"{path} is not an amskv calibration profile (format amskv-profile/1)")
-    return tuple(bool(x) for x in data["demanding"])
-
-
 def _flags(value):
     if value is None:
         return None
     if value == "all":
         return (True,) * 256  # more layers than any model has: every layer is demanding
     if isinstance(value, str):
-        return tuple(c == "1" for c in value.replace(",", ""))
+        digits = value.replace(",", "").replace(" ", "")
+        if not digits or set(digits) - {"0", "1"}:
+            raise ValueError(f"demanding flags must be a string of 0/1 per layer, got {value!r}")
+        return tuple(c == "1" for c in digits)
     return tuple(bool(v) for v in value)

@@ -24,6 +24,20 @@ class Segment:
     length: int
 
 
+def key_similarity(k_prev: torch.Tensor, k_cur: torch.Tensor, pn_prev: int, pn: int) -> float:
+    """Mean cosine similarity of the previous scale's keys, bilinearly resized (align_corners=False) to the
+    current scale's grid, to the current keys; averaged over rows, heads and tokens.
+
+    k_prev: (rows, H, pn_prev^2, hd), k_cur: (rows, H, pn^2, hd). Shared by the online AMS-KV test and
+    ``amskv analyze``, so calibration measures exactly what the policy compares with theta.
+    """
+    rows, H, _, hd = k_cur.shape
+    grid = k_prev.float().permute(0, 1, 3, 2).reshape(rows * H, hd, pn_prev, pn_prev)  # -> (rows*H, hd, p, p)
+    grid = F.interpolate(grid, size=(pn, pn), mode="bilinear", align_corners=False)
+    resized = grid.reshape(rows, H, hd, pn * pn).permute(0, 1, 3, 2)  # -> (rows, H, pn^2, hd)
+    return F.cosine_similarity(resized, k_cur.float(), dim=-1).mean().item()
+
+
 class Workspace:
     """Scratch K/V for one layer at a time: [kept scales + current scale] when they exceed the layer buffer."""
 
@@ -86,14 +100,9 @@ class LayerKV:
         if prev is None:
             return float("inf")  # nothing to compare with: treat the layer as cache-efficient
         T, _, n = self._pending
-        pn_prev, pn = self.cache.patch_nums[si - 1], self.cache.patch_nums[si]
-        rows, H, hd = self.k.shape[0], self.k.shape[1], self.k.shape[3]
-        k_prev = self.k[:, :, prev.start:prev.start + prev.length].float()  # (rows, H, pn_prev^2, hd)
-        k_prev = k_prev.permute(0, 1, 3, 2).reshape(rows * H, hd, pn_prev, pn_prev)  # -> (rows*H, hd, p, p)
-        k_prev = F.interpolate(k_prev, size=(pn, pn), mode="bilinear", align_corners=False)
-        k_prev = k_prev.reshape(rows, H, hd, pn * pn).permute(0, 1, 3, 2)  # -> (rows, H, pn^2, hd)
-        k_cur = self._buf[0][:, :, n:n + T].float()
-        sim = F.cosine_similarity(k_prev, k_cur, dim=-1).mean().item()
+        k_prev = self.k[:, :, prev.start:prev.start + prev.length]  # (rows, H, pn_prev^2, hd)
+        k_cur = self._buf[0][:, :, n:n + T]  # (rows, H, pn^2, hd)
+        sim = key_similarity(k_prev, k_cur, self.cache.patch_nums[si - 1], self.cache.patch_nums[si])
         self.cache.similarities.setdefault(self.layer, {})[si] = sim
         return sim
 

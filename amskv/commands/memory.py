@@ -1,0 +1,135 @@
+"""`amskv memory`: exact KV-cache bytes of a policy, per image and per batch, without running the model.
+
+The figures come from ``amskv.memory`` (the policy replayed over token counts), so they equal what the
+storage allocates in a real generation. A checkpoint path is read for its tensor shapes only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from amskv.kvcache.policy import POLICY_NAMES
+
+HELP = "KV-cache memory of a policy: bytes per image, reduction vs vanilla/full, max batch for a budget"
+GIB = 1024**3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="d30",
+                        help="preset (d16, d20, d24, d30, d36, demo) or a VAR checkpoint path (default d30)")
+    parser.add_argument("--policy", default="amskv", choices=POLICY_NAMES, help="KV cache policy (default amskv)")
+    parser.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="policy parameter, repeatable (e.g. preset=aggressive, c_min=100, profile=FILE)")
+    parser.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="KV dtype (default bf16)")
+    parser.add_argument("--budget-gib", type=float, default=None, help="KV memory budget in GiB: report max batch")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def resolve_model(model: str):
+    """(name, VARConfig) for a preset name or a checkpoint path; the checkpoint is read for shapes only."""
+    from amskv.config import VAR_PRESETS
+    from amskv.model.loading import infer_var_config, read_state_dict
+
+    if model in VAR_PRESETS:
+        preset = VAR_PRESETS[model]
+        return preset.name, preset.var
+    if not Path(model).exists():
+        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(VAR_PRESETS)}) nor an existing file")
+    return str(model), infer_var_config(read_state_dict(model), model)
+
+
+def memory_report(cfg, model_name: str, policy_name: str, policy_args: dict, batch: int, dtype: str,
+                  budget_gib: float | None = None) -> dict:
+    """Everything `amskv memory --json` prints. Per-image figures count K and V of both CFG rows."""
+    from amskv.kvcache.policy import make_policy
+    from amskv.kvcache.profile import check_profile_depth
+    from amskv.memory import kv_memory, max_batch, static_and_worst
+
+    policy = make_policy(policy_name, cfg.patch_nums, policy_args)
+    check_profile_depth(policy, policy_args, cfg.depth)
+    mem = kv_memory(cfg, policy, batch, dtype)  # online AMS-KV: the worst case, which is what a batch allocates
+    one = kv_memory(cfg, policy, 1, dtype)
+    vanilla = kv_memory(cfg, make_policy("vanilla", cfg.patch_nums), 1, dtype)
+    full = kv_memory(cfg, make_policy("full", cfg.patch_nums), 1, dtype)
+    cases = {name: {"bytes_per_image": m["bytes_per_image"], "peak_stored_bytes_per_image":
+                    m["peak_stored_bytes"] // m["batch"], "batch_bytes": m["allocated_bytes"]}
+             for name, m in static_and_worst(cfg, policy, batch, dtype).items()}
+    report = {
+        "model": model_name, "depth": cfg.depth, "embed_dim": cfg.embed_dim, "patch_nums": list(cfg.patch_nums),
+        "tokens": cfg.seq_len, "policy": policy.describe(), "dtype": dtype, "batch": batch,
+        "bytes_per_image": one.allocated_bytes,
+        "peak_stored_bytes_per_image": one.peak_stored_bytes,
+        "peak_working_set_bytes_per_image": one.peak_working_set_bytes,
+        "workspace_bytes_per_image": one.workspace_bytes,
+        "per_layer_bytes_per_image": list(one.per_layer_bytes),
+        "vanilla_bytes_per_image": vanilla.allocated_bytes,
+        "full_bytes_per_image": full.allocated_bytes,
+        "full_peak_stored_bytes_per_image": full.peak_stored_bytes,
+        "reduction_vs_vanilla": 1 - one.allocated_bytes / vanilla.allocated_bytes,
+        "reduction_vs_full": 1 - one.allocated_bytes / full.allocated_bytes,
+        "stored_reduction_vs_vanilla": 1 - one.peak_stored_bytes / vanilla.peak_stored_bytes,
+        "stored_reduction_vs_full": 1 - one.peak_stored_bytes / full.peak_stored_bytes,
+        "batch_bytes": mem.allocated_bytes,
+        "batch_peak_stored_bytes": mem.peak_stored_bytes,
+        "cases": cases,
+    }
+    if budget_gib is not None:
+        budget = int(budget_gib * GIB)
+        report.update({
+            "budget_bytes": budget,
+            "max_batch": max_batch(budget, one.allocated_bytes),
+            "vanilla_max_batch": max_batch(budget, vanilla.allocated_bytes),
+            "full_max_batch": max_batch(budget, full.allocated_bytes),
+        })
+    return report
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB" if n < GIB else f"{n / GIB:,.2f} GiB"
+
+
+def format_table(r: dict) -> str:
+    rows = [
+        ("model", f"{r['model']} (depth {r['depth']}, width {r['embed_dim']}, {r['tokens']} tokens)"),
+        ("policy", r["policy"]), ("dtype / batch", f"{r['dtype']} / {r['batch']}"),
+        ("allocated per image", f"{_size(r['bytes_per_image'])} ({r['bytes_per_image']:,} B)"),
+        ("  of which workspace", _size(r["workspace_bytes_per_image"])),
+        ("peak stored per image", _size(r["peak_stored_bytes_per_image"])),
+        ("peak attention working set", _size(r["peak_working_set_bytes_per_image"])),
+        ("vanilla per image", _size(r["vanilla_bytes_per_image"])),
+        ("full per image", _size(r["full_bytes_per_image"])),
+        ("reduction vs vanilla", f"{r['reduction_vs_vanilla']:.1%} (stored: {r['stored_reduction_vs_vanilla']:.1%})"),
+        ("reduction vs full", f"{r['reduction_vs_full']:.1%} (stored: {r['stored_reduction_vs_full']:.1%})"),
+        ("batch allocation", _size(r["batch_bytes"])),
+    ]
+    for name, case in r["cases"].items():
+        rows.append((f"case {name.replace('_', ' ')}", f"{_size(case['bytes_per_image'])} per image allocated, "
+                                                       f"{_size(case['peak_stored_bytes_per_image'])} stored"))
+    if "max_batch" in r:
+        rows.append((f"max batch in {_size(r['budget_bytes'])}",
+                     f"{r['max_batch']} (vanilla {r['vanilla_max_batch']}, full {r['full_max_batch']}; cap 256)"))
+    per_layer = sorted(set(r["per_layer_bytes_per_image"]))
+    rows.append(("per-layer buffer", ", ".join(_size(b) for b in per_layer)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from amskv.commands.common import parse_policy_args
+    from amskv.model.loading import CheckpointError
+
+    if args.batch < 1 or (args.budget_gib is not None and args.budget_gib <= 0):
+        print("error: need --batch >= 1 and --budget-gib > 0", file=sys.stderr)
+        return 2
+    try:
+        name, cfg = resolve_model(args.model)
+        report = memory_report(cfg, name, args.policy, parse_policy_args(args.policy_arg), args.batch,
+                               args.dtype, args.budget_gib)
+    except (ValueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return 0

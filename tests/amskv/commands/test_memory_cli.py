@@ -1,0 +1,75 @@
+"""`amskv memory`: the figures, the JSON keys, budgets, checkpoint paths and errors."""
+import json
+
+import pytest
+
+from amskv.cli import main
+
+GIB = 1024**3
+VANILLA_D30_BF16 = 4 * 30 * 680 * 1920 * 2
+
+
+def memory_json(capsys, *argv):
+    assert main(["memory", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_d30_amskv_json(capsys):
+    r = memory_json(capsys, "--model", "d30", "--policy", "amskv", "--batch", "256", "--dtype", "bf16",
+                    "--budget-gib", "60")
+    for key in ("bytes_per_image", "vanilla_bytes_per_image", "full_bytes_per_image", "reduction_vs_vanilla",
+                "reduction_vs_full", "batch_bytes", "max_batch", "vanilla_max_batch", "full_max_batch",
+                "peak_stored_bytes_per_image", "peak_working_set_bytes_per_image", "per_layer_bytes_per_image"):
+        assert key in r, key
+    assert r["vanilla_bytes_per_image"] == VANILLA_D30_BF16
+    assert r["bytes_per_image"] == (30 * 155 + 361) * 4 * 1920 * 2
+    assert r["batch_bytes"] == 256 * r["bytes_per_image"]
+    assert r["reduction_vs_vanilla"] == pytest.approx(1 - r["bytes_per_image"] / VANILLA_D30_BF16)
+    assert 0.7 < r["reduction_vs_vanilla"] < 0.8 and 0 < r["reduction_vs_full"] < r["reduction_vs_vanilla"]
+    assert r["max_batch"] == 256  # capped
+    assert r["vanilla_max_batch"] == 60 * GIB // VANILLA_D30_BF16 == 205
+    assert len(r["per_layer_bytes_per_image"]) == 30
+    assert r["cases"]["no_expansion"]["bytes_per_image"] < r["cases"]["worst_case"]["bytes_per_image"]
+    assert r["cases"]["worst_case"]["bytes_per_image"] == r["bytes_per_image"]
+
+
+def test_vanilla_policy_and_small_budget(capsys):
+    r = memory_json(capsys, "--model", "d30", "--policy", "vanilla", "--dtype", "bf16", "--budget-gib", "1")
+    assert r["bytes_per_image"] == r["vanilla_bytes_per_image"] == VANILLA_D30_BF16
+    assert r["reduction_vs_vanilla"] == 0
+    assert r["max_batch"] == GIB // VANILLA_D30_BF16 == 3
+    fp32 = memory_json(capsys, "--model", "d30", "--policy", "vanilla", "--dtype", "fp32")
+    assert fp32["bytes_per_image"] == 2 * VANILLA_D30_BF16 and "max_batch" not in fp32
+
+
+def test_presets_and_policy_args(capsys):
+    default = memory_json(capsys, "--model", "d36")
+    aggressive = memory_json(capsys, "--model", "d36", "--policy-arg", "preset=aggressive")
+    assert aggressive["bytes_per_image"] < default["bytes_per_image"]
+    assert default["vanilla_bytes_per_image"] == 4 * 36 * 2240 * 2304 * 2
+    tight = memory_json(capsys, "--model", "demo", "--policy-arg", "c_min=5", "--policy-arg", "c_max=5")
+    assert tight["policy"].startswith("amskv(c_cds=2, c_min=5, c_max=5")
+
+
+def test_checkpoint_path_reads_shapes(capsys, golden_dir):
+    r = memory_json(capsys, "--model", str(golden_dir / "tiny_var.pth"), "--policy", "vanilla", "--dtype", "fp32")
+    assert (r["depth"], r["embed_dim"]) == (2, 128)
+    assert r["bytes_per_image"] == 4 * 2 * 680 * 128 * 4
+
+
+def test_table_output(capsys):
+    assert main(["memory", "--model", "d30", "--budget-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "reduction vs vanilla" in out and "max batch in 80.00 GiB" in out and "var-d30" in out
+
+
+def test_static_profile_and_errors(capsys, tmp_path):
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"format": "amskv-profile/1", "depth": 2, "demanding": [True, False]}))
+    assert main(["memory", "--model", "d16", "--policy", "amskv-static", "--policy-arg", f"profile={profile}"]) == 2
+    assert "2 layers" in capsys.readouterr().err
+    assert main(["memory", "--model", "no-such-model"]) == 2
+    assert main(["memory", "--policy-arg", "preset=nope"]) == 2
+    assert main(["memory", "--batch", "0"]) == 2
+    r = memory_json(capsys, "--model", "d16", "--policy", "amskv-static", "--policy-arg", "demanding=" + "1" * 16)
+    assert set(r["cases"]) == {"worst_case", "exact"}

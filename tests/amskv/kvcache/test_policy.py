@@ -1,0 +1,145 @@
+"""Policy semantics, step by step, on token counts (no model needed)."""
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+from amskv.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_DEMO
+from amskv.kvcache.policy import AMSKV_PRESETS, AMSKVPolicy, LayerState, load_profile, make_policy
+
+TOKENS_256 = tuple(p * p for p in PATCH_NUMS_256)  # 1 4 9 16 25 36 64 100 169 256
+
+
+def run_layer(policy, scale_tokens=TOKENS_256, demanding=lambda si: False, layer=0):
+    """Feed one layer every scale; returns (kept after each scale, decisions, scales the test was asked at)."""
+    state = policy.init_layer(layer)
+    kept, decisions, asked = [], [], []
+
+    def similarity_at(si):
+        def sim():
+            asked.append(si)
+            return -math.inf if demanding(si) else math.inf
+        return sim
+
+    for si in range(len(scale_tokens)):
+        before = list(state.kept)
+        d = policy.decide(state, layer, si, scale_tokens, similarity_at(si))
+        # the decision describes exactly the change of the kept list
+        expected = [s for s in before if s not in d.evict] + ([si] if d.keep else [])
+        assert state.kept == expected
+        kept.append(list(state.kept))
+        decisions.append(d)
+    return kept, decisions, asked, state
+
+
+def test_amskv_cache_efficient_layer_step_by_step():
+    kept, _, asked, state = run_layer(AMSKVPolicy(c_cds=2, c_min=100, c_max=155))
+    assert kept == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5],
+                    [0, 1, 6],  # 155 > 100: intermediate scales 2..5 leave oldest first
+                    [0, 1, 7],  # 169 > 100: 6 leaves; 7 (the newest) stays although 105 > 100
+                    [0, 1, 7],  # 169 tokens > c_max: skipped, nothing evicted
+                    [0, 1, 7]]  # the last scale is never stored
+    assert asked == [6, 7]  # the test runs at each overflow while the layer has not expanded
+    assert state.expanded_at is None and state.budget == 100
+
+
+def test_amskv_cache_demanding_layer_expands_once():
+    kept, _, asked, state = run_layer(AMSKVPolicy(c_cds=2, c_min=100, c_max=155), demanding=lambda si: True)
+    assert kept[6] == [0, 1, 2, 3, 4, 5, 6]  # budget grew to 155: everything fits
+    assert kept[7] == [0, 1, 7]  # 255 > 155: 2..6 leave
+    assert asked == [6]  # after the expansion the similarity is never asked again
+    assert (state.expanded_at, state.budget) == (6, 155)
+
+
+def test_late_expansion_and_window_is_whatever_fits():
+    kept, _, asked, state = run_layer(AMSKVPolicy(c_cds=2, c_min=100, c_max=155), demanding=lambda si: si == 7)
+    assert asked == [6, 7] and state.expanded_at == 7
+    assert kept[6] == [0, 1, 6] and kept[7] == [0, 1, 7]
+
+
+def test_skip_rule_and_locked_scales_with_tight_budget():
+    kept, decisions, _, _ = run_layer(AMSKVPolicy(c_cds=2, c_min=64, c_max=64))
+    for si in (7, 8, 9):  # 100, 169, 256 tokens > c_max = 64: not inserted, nothing evicted
+        assert decisions[si].keep is False and decisions[si].evict == ()
+        assert kept[si] == kept[6]
+    assert kept[6] == [0, 1, 6]
+
+
+def test_evict_newest_switch():
+    pol = AMSKVPolicy(c_cds=2, c_min=50, c_max=200, evict_newest=True)
+    kept, decisions, _, _ = run_layer(pol)
+    assert decisions[8].keep is False  # 169 tokens alone overflow c_min = 50: the newest leaves too
+    assert kept[8] == [0, 1]
+    kept_default, _, _, _ = run_layer(AMSKVPolicy(c_cds=2, c_min=50, c_max=200))
+    assert kept_default[8] == [0, 1, 8]
+
+
+@pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_DEMO])
+def test_invariants_over_random_parameters_and_similarities(patch_nums):
+    """Locked scales never leave, expansion happens at most once, skipped scales never appear,
+    a layer holds at most max(budget, locked + newest) tokens."""
+    rng = random.Random(0)
+    tokens = tuple(p * p for p in patch_nums)
+    cum = list(itertools.accumulate(tokens))
+    for _ in range(300):
+        c_cds = rng.randint(0, 3)
+        c_min = rng.choice([0, 5] + cum)
+        c_max = rng.choice([c for c in [c_min] + cum if c >= c_min])
+        pol = AMSKVPolicy(c_cds=c_cds, c_min=c_min, c_max=c_max, evict_newest=rng.random() < 0.3)
+        pattern = [rng.random() < 0.5 for _ in tokens]
+        state = pol.init_layer(0)
+        budgets = [state.budget]
+        for si in range(len(tokens)):
+            pol.decide(state, 0, si, tokens, lambda si=si: -1.0 if pattern[si] else 1.0)
+            budgets.append(state.budget)
+            locked = [s for s in range(min(c_cds, si + 1)) if tokens[s] <= c_max and s < len(tokens) - 1]
+            assert all(s in state.kept for s in locked)
+            assert all(tokens[s] <= c_max for s in state.kept) and len(tokens) - 1 not in state.kept
+            assert state.kept == sorted(state.kept)
+            size = sum(tokens[s] for s in state.kept)
+            newest = tokens[state.kept[-1]] if state.kept and state.kept[-1] not in locked else 0
+            assert size <= max(state.budget, sum(tokens[s] for s in locked) + newest)
+        assert sum(b != a for a, b in zip(budgets, budgets[1:])) <= 1  # at most one expansion
+        assert set(budgets) <= {c_min, c_max}
+
+
+def test_vanilla_full_window_sink():
+    assert run_layer(make_policy("vanilla", PATCH_NUMS_256))[0][-1] == list(range(10))
+    assert run_layer(make_policy("full", PATCH_NUMS_256))[0][-1] == list(range(9))
+    kept, *_ = run_layer(make_policy("window", PATCH_NUMS_256, {"window": 2}))
+    assert kept[5] == [4, 5] and kept[-1] == [7, 8]
+    kept, *_ = run_layer(make_policy("sink", PATCH_NUMS_256, {"sink": 2, "window": 1}))
+    assert kept[5] == [0, 1, 5] and kept[-1] == [0, 1, 8]
+
+
+def test_make_policy_presets_and_arguments(tmp_path):
+    pol = make_policy("amskv", PATCH_NUMS_256, {"preset": "aggressive", "c_min": "50"})
+    assert (pol.c_cds, pol.c_min, pol.c_max) == (2, 50, AMSKV_PRESETS["aggressive"]["256"]["c_max"])
+    assert make_policy("amskv", PATCH_NUMS_512).c_max == AMSKV_PRESETS["default"]["512"]["c_max"]
+    assert make_policy("amskv", PATCH_NUMS_DEMO).c_min == AMSKV_PRESETS["default"]["demo"]["c_min"]
+    assert make_policy("amskv-static", PATCH_NUMS_256, {"demanding": "0110"}).demanding == (False, True, True, False)
+    assert make_policy("amskv-static", PATCH_NUMS_256, {"demanding": "1,0"}).demanding == (True, False)
+    assert make_policy("amskv-static", PATCH_NUMS_256).describe().endswith("demanding_layers=all)")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"format": "amskv-profile/1", "depth": 3, "demanding": [False, True, False]}))
+    assert load_profile(path) == (False, True, False)
+    assert make_policy("amskv-static", PATCH_NUMS_256, {"profile": str(path)}).demanding == (False, True, False)
+    for bad in [("amskv", {"preset": "nope"}), ("amskv", {"profile": str(path)}), ("window", {"c_min": 3}),
+                ("amskv-static", {"demanding": "012"}), ("lru", {})]:
+        with pytest.raises(ValueError):
+            make_policy(bad[0], PATCH_NUMS_256, bad[1])
+    path.write_text(json.dumps({"format": "other", "demanding": [True]}))
+    with pytest.raises(ValueError):
+        load_profile(path)
+
+
+def test_static_flags_replace_the_online_test():
+    pol = AMSKVPolicy(c_cds=2, c_min=100, c_max=155, demanding=(False, True))
+    for layer, expanded in ((0, None), (1, 6)):
+        state = pol.init_layer(layer)
+        assert isinstance(state, LayerState)
+        for si in range(10):
+            pol.decide(state, layer, si, TOKENS_256, lambda: pytest.fail("a static policy never asks"))
+        assert state.expanded_at == expanded
