@@ -1,0 +1,91 @@
+"""How much a KV policy costs in image quality, measured on the demo model.
+
+Images of one policy are compared with the shipped MNIST classifier (class accuracy, Fréchet distance
+on its features against the MNIST test set) and with the `full` cache at identical seeds (token
+agreement per scale, pixel PSNR). Fidelity to `full` is the sharp, deterministic signal; accuracy
+saturates for a good model (docs/demo-model.md).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from amskv.demo.classifier import features, load_classifier, predict
+from amskv.demo.metrics import class_accuracy, fd_to_reference, psnr, token_agreement
+from amskv.kvcache.policy import make_policy
+from amskv.memory import kv_memory
+from amskv.sampling import SamplingParams
+
+EVAL_BATCH = 100
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor  # uint8 (N, H, W, 1)
+    tokens: list[torch.Tensor]  # per scale (N, pn*pn)
+    labels: torch.Tensor  # (N,)
+
+
+@dataclass
+class QualityReport:
+    policy: str
+    n: int
+    seed: int
+    cfg: float
+    accuracy: float
+    fd: float
+    token_agreement: dict
+    psnr_vs_full: float
+    kv_bytes_per_image: int  # allocated: what a batch reserves
+    kv_peak_stored_bytes_per_image: int  # the most the cache holds at once
+    stored_fraction_of_vanilla: float
+    allocated_fraction_of_vanilla: float
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if data["psnr_vs_full"] == float("inf"):  # identical to full; JSON has no infinity
+            data["psnr_vs_full"] = None
+        return data
+
+
+def sample(engine, n: int, seed: int, params: SamplingParams, batch: int = EVAL_BATCH) -> Samples:
+    """n images, labels cycling over the classes, image i with seed + i."""
+    labels = [i % engine.num_classes for i in range(n)]
+    images, tokens = [], []
+    for start in range(0, n, batch):
+        res = engine.generate(labels[start:start + batch], [seed + i for i in range(start, min(n, start + batch))],
+                              params)
+        images.append(res.images)
+        tokens.append(res.tokens)
+    per_scale = [torch.cat([t[s] for t in tokens]) for s in range(len(tokens[0]))]
+    return Samples(torch.cat(images), per_scale, torch.tensor(labels))
+
+
+def evaluate(engine, n: int = 1000, seed: int = 0, cfg: float = 3.0, reference: Samples | None = None,
+             classifier=None) -> tuple[QualityReport, Samples]:
+    """Quality of ``engine``'s policy; ``reference`` (the `full` samples at the same seeds) is made if absent."""
+    params = SamplingParams(cfg=cfg, top_k=0, top_p=0.0)
+    classifier = classifier or load_classifier()
+    if reference is None:
+        reference = sample(engine.with_policy("full"), n, seed, params)
+    ours = sample(engine, n, seed, params)
+    cfg_model = engine.config
+    vanilla = kv_memory(cfg_model, make_policy("vanilla", cfg_model.patch_nums), 1, engine.dtype)
+    mem = engine.memory(1)
+    report = QualityReport(
+        policy=engine.policy.describe(), n=n, seed=seed, cfg=cfg,
+        accuracy=class_accuracy(predict(classifier, _unit(ours.images)), ours.labels),
+        fd=fd_to_reference(features(classifier, _unit(ours.images))),
+        token_agreement=token_agreement(ours.tokens, reference.tokens),
+        psnr_vs_full=psnr(ours.images, reference.images),
+        kv_bytes_per_image=mem.allocated_bytes,
+        kv_peak_stored_bytes_per_image=mem.peak_stored_bytes,
+        stored_fraction_of_vanilla=mem.peak_stored_bytes / vanilla.allocated_bytes,
+        allocated_fraction_of_vanilla=mem.allocated_bytes / vanilla.allocated_bytes,
+    )
+    return report, reference
+
+
+def _unit(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.permute(0, 3, 1, 2).float().div_(255)  # (N, H, W, 1) uint8 -> (N, 1, H, W) in [0, 1]
