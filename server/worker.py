@@ -97,7 +97,8 @@ class InferenceWorker:
         self._stop = threading.Event()
         self._startup_error: BaseException | None = None
         self._died = False
-        self._activation_peak = 0
+        self._activation_peak = 0  # fixed part of the activation peak (cuda), bytes
+        self._activation_per_image = 0  # per-image part of the activation peak (cuda), bytes
         self._oom_cap = MAX_BATCH_CEILING
         self._budget = 0
         self.info: EngineInfo | None = None
@@ -153,15 +154,14 @@ class InferenceWorker:
     def _warm_up(self) -> None:
         engine = self._engine
         device = engine.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            baseline = torch.cuda.memory_allocated(device)
         result = engine.generate([0], [0], [self._warmup_params])
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) - baseline
-            self._activation_peak = max(0, peak - int(result.kv_allocated_bytes))
+            # The activation peak grows with the batch: measure it at 1 and 2 images and extrapolate
+            # linearly, so the admissible batch reserves activations as well as KV for every image.
+            peak1 = self._measure_peak([0])
+            peak2 = self._measure_peak([0, 1])
+            self._activation_per_image = max(0, peak2 - peak1)
+            self._activation_peak = max(0, peak1 - self._activation_per_image)
         self.info = EngineInfo(
             model_name=engine.model_name, num_classes=engine.num_classes, resolution=engine.resolution,
             channels=engine.channels, policy=engine.policy_name, dtype=self._dtype, device=str(device),
@@ -184,6 +184,16 @@ class InferenceWorker:
                     self.info.kv_bytes_per_image / 2**20, self.info.vanilla_kv_bytes_per_image / 2**20,
                     budget / 2**30, self._activation_peak / 2**20, self.max_images)
 
+    def _measure_peak(self, labels: list[int]) -> int:
+        """Peak device bytes above the baseline for one batch, KV cache excluded."""
+        device = self._engine.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        result = self._engine.generate(labels, labels, [self._warmup_params] * len(labels))
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - baseline - int(result.kv_allocated_bytes))
+
     def budget_bytes(self) -> int:
         """KV bytes available now: cuda reads free memory every time, cpu uses the configured budget."""
         device = self._engine.device
@@ -196,7 +206,12 @@ class InferenceWorker:
 
     def admissible_batch(self) -> int:
         budget = self.budget_bytes()
-        by_memory = self._engine.max_batch(budget, cap=min(MAX_BATCH_CEILING, self.settings.max_batch))
+        cap = min(MAX_BATCH_CEILING, self.settings.max_batch)
+        if self._activation_per_image and self.info is not None:
+            # each image needs its KV plus its share of the activations measured at warm-up
+            by_memory = min(cap, budget // (self.info.kv_bytes_per_image + self._activation_per_image))
+        else:
+            by_memory = self._engine.max_batch(budget, cap=cap)
         # Never 0: a transiently full device still tries one image; the OOM path answers if it fails.
         self.max_images = max(1, min(by_memory, self._oom_cap))
         metrics.KV_BUDGET.set(budget)
@@ -237,6 +252,8 @@ class InferenceWorker:
         try:
             if self.faults is not None:
                 self.faults.before_call(count)
+            if self.info is not None:  # the plan is exact: what this batch's cache will allocate
+                metrics.KV_USED.set(self.info.kv_bytes_per_image * count)
             result = self._engine.generate(list(labels), list(seeds), list(params))
         except torch.OutOfMemoryError:
             out_of_memory = True  # retried outside the handler so the traceback's tensors are freed
