@@ -111,9 +111,35 @@ def _allowed_range(schema: dict[str, Any], field: str) -> str:
     return ""
 
 
+# pydantic reports a value that fits no member of `int | str` once per member, with the member's
+# name appended to the location (class_labels.0.int, class_labels.0.str).
+UNION_MEMBER_TAGS = {"int": "an integer", "str": "a string"}
+
+
+def _merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per value for int | str unions, located at the value itself."""
+    merged: list[dict[str, Any]] = []
+    by_loc: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        if len(loc) < 2 or loc[-1] not in UNION_MEMBER_TAGS:
+            merged.append(err)
+            continue
+        owner = loc[:-1]
+        if owner in by_loc:
+            by_loc[owner]["members"].append(UNION_MEMBER_TAGS[loc[-1]])
+            continue
+        entry = {**err, "loc": owner, "members": [UNION_MEMBER_TAGS[loc[-1]]]}
+        by_loc[owner] = entry
+        merged.append(entry)
+    for entry in by_loc.values():
+        entry["msg"] = f"Input should be {' or '.join(entry.pop('members'))}"
+    return merged
+
+
 def validation_error(exc: RequestValidationError, body_schema: dict[str, Any] | None) -> InvalidRequest:
     """Turn FastAPI's list of errors into one envelope naming the first bad field and its range."""
-    errors = exc.errors()
+    errors = _merge_union_errors(list(exc.errors()))
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     param = "body" if first.get("type") == "json_invalid" else _param_name(tuple(first["loc"]))
     field = param.split("[")[0].split(".")[0]
@@ -127,6 +153,11 @@ def validation_error(exc: RequestValidationError, body_schema: dict[str, Any] | 
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error(s))"
     return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def body_not_json(cause: BaseException) -> InvalidRequest:
+    reason = "nesting too deep" if isinstance(cause, RecursionError) else str(cause)
+    return InvalidRequest(f"request body is not valid JSON: {reason[:200]}", param="body")
 
 
 def register_exception_handlers(app: FastAPI, body_schema: dict[str, Any] | None = None,
@@ -145,6 +176,12 @@ def register_exception_handlers(app: FastAPI, body_schema: dict[str, Any] | None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+            # FastAPI answers a bare 400 "error parsing the body" when decoding fails outside
+            # JSONDecodeError: invalid UTF-8, nesting too deep, an integer over 4300 digits.
+            if on_invalid is not None:
+                on_invalid(request)
+            return error_response(body_not_json(exc.__cause__))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         body = envelope(str(exc.detail), "invalid_request_error", code, None)
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
