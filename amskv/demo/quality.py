@@ -89,3 +89,41 @@ def evaluate(engine, n: int = 1000, seed: int = 0, cfg: float = 3.0, reference: 
 
 def _unit(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float().div_(255)  # (N, H, W, 1) uint8 -> (N, 1, H, W) in [0, 1]
+
+
+# The comparison of docs/demo-model.md: (label, policy, args). c_min/c_max are tokens per layer.
+SWEEP: list[tuple[str, str, dict]] = [
+    ("full", "full", {}),
+    ("vanilla", "vanilla", {}),
+    ("amskv default", "amskv", {}),
+    ("amskv aggressive", "amskv", {"preset": "aggressive"}),
+    ("amskv c_min=14 c_max=41", "amskv", {"c_min": 14, "c_max": 41}),
+    ("amskv c_min=30 c_max=66", "amskv", {"c_min": 30, "c_max": 66}),
+    ("amskv c_min=41 c_max=66", "amskv", {"c_min": 41, "c_max": 66}),
+    ("amskv c_min=55 c_max=91", "amskv", {"c_min": 55, "c_max": 91}),
+    ("amskv-static (shipped profile)", "amskv-static", {"profile": "bundled"}),
+    ("window w=1", "window", {"window": 1}),
+    ("window w=2", "window", {"window": 2}),
+    ("sink 2 + w=1", "sink", {"sink": 2, "window": 1}),
+    ("sink 2 + w=2", "sink", {"sink": 2, "window": 2}),
+]
+
+
+def sweep(engine, n: int, seed: int, cfgs: tuple[float, ...], profile_path=None, progress=print) -> list[dict]:
+    """One row per (policy, cfg); the `full` samples at each cfg are made once and shared."""
+    classifier = load_classifier()
+    rows = []
+    for cfg in cfgs:
+        reference = sample(engine.with_policy("full"), n, seed, SamplingParams(cfg=cfg, top_k=0, top_p=0.0))
+        for label, name, args in SWEEP:
+            args = dict(args)
+            if args.get("profile") == "bundled":
+                if profile_path is None:
+                    continue
+                args["profile"] = str(profile_path)
+            report, _ = evaluate(engine.with_policy(name, args), n, seed, cfg, reference, classifier)
+            row = {"label": label, **report.to_dict()}
+            progress(f"cfg {cfg} {label}: acc {row['accuracy']:.4f} fd {row['fd']:.3f} "
+                     f"psnr {row['psnr_vs_full']} stored {row['stored_fraction_of_vanilla']:.3f}")
+            rows.append(row)
+    return rows

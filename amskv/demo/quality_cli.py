@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale (1 separates policies best)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--sweep", metavar="OUT.json",
+                        help="instead of one policy, run the comparison of docs/demo-model.md at cfg 3 and 1")
+    parser.add_argument("--profile", help="calibration profile for the sweep's amskv-static row")
     add_model_arguments(parser, default_policy="amskv")
 
 
@@ -24,6 +27,15 @@ def run(args: argparse.Namespace) -> int:
     if engine.channels != 1 or engine.num_classes != 10:
         print("eval-quality scores MNIST digits: use the demo model (or another 10-class grayscale model)")
         return 2
+    if args.sweep:
+        from pathlib import Path
+
+        from amskv.demo.quality import sweep
+
+        rows = sweep(engine, args.n, args.seed, (3.0, 1.0), args.profile)
+        Path(args.sweep).write_text(json.dumps({"model": engine.model_name, "n": args.n, "seed": args.seed,
+                                                "rows": rows}, indent=1))
+        return 0
     report, _ = evaluate(engine, n=args.n, seed=args.seed, cfg=args.cfg)
     data = report.to_dict()
     if args.json:
