@@ -1,0 +1,59 @@
+"""`amskv bench SUITE`: run one benchmark suite and write SUITE.json, SUITE.md and PNG plots."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from amskv.bench.common import DEFAULT_OUT_DIR, pin_threads, write_report
+
+HELP = "run a benchmark suite (memory, attention, throughput, server, quality, gpu); writes JSON, Markdown, PNG"
+
+# suite -> module with run_suite(**options) -> Report
+SUITES = {
+    "memory": "amskv.bench.memory",
+    "attention": "amskv.bench.attention",
+    "throughput": "amskv.bench.throughput",
+    "server": "amskv.bench.server",
+    "quality": "amskv.bench.quality",
+    "gpu": "amskv.bench.gpu",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
+    parser.add_argument("--json", metavar="OUT", help="JSON path (default: OUT_DIR/SUITE.json)")
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help="where SUITE.md and the PNGs go")
+    parser.add_argument("--tiny", action="store_true", help="smallest sizes, for tests and smoke runs")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (suite default when omitted)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared cores)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-measure", action="store_true", help="memory: arithmetic only, no CPU generation")
+    parser.add_argument("--device", default="auto", help="gpu suite: cuda, cpu or auto")
+    parser.add_argument("--port", type=int, default=0, help="server suite: port to bind (0 = a free one)")
+
+
+def suite_options(args: argparse.Namespace) -> dict:
+    """Only the options each suite understands."""
+    opts: dict = {"tiny": args.tiny}
+    if args.suite in ("attention", "throughput", "server", "gpu") and args.rounds:
+        opts["rounds"] = args.rounds
+    if args.suite == "memory":
+        opts["measure"] = not args.no_measure
+    if args.suite == "gpu":
+        opts["device"] = args.device
+    if args.suite == "server":
+        opts["port"] = args.port
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    pin_threads(args.threads)
+    module = importlib.import_module(SUITES[args.suite])
+    report = module.run_suite(**suite_options(args))
+    written = write_report(report, args.out_dir, args.json, plots=not args.no_plots)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    if report.notes:
+        print("\n".join(f"note: {n}" for n in report.notes[:3]), file=sys.stderr)
+    return 0
