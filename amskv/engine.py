@@ -21,7 +21,7 @@ from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
 from amskv.sampling import RowParams, SamplingParams
 
-DEMO_VAR, DEMO_VAE = "demo_var.pth", "demo_vae.pth"
+DEMO_VAR, DEMO_VAE, DEMO_PROFILE = "demo_var.pth", "demo_vae.pth", "demo_profile.json"
 # Images per VQVAE decoder call (padded to this size, see decode_images). A GPU gains from batching the
 # decoder; a CPU barely does, so there one image per call avoids decoding padding.
 DECODE_CHUNK = {"cuda": 8, "cpu": 1}
@@ -93,6 +93,9 @@ class Engine:
             raise ValueError("give both --var and --vae, or neither for the bundled demo model")
         if var_path is None:
             var_path, vae_path = bundled_checkpoints()
+            profile = var_path.parent / DEMO_PROFILE
+            if policy == "amskv-static" and profile.is_file() and not {"profile", "demanding"} & set(policy_args or {}):
+                policy_args = {**(policy_args or {}), "profile": str(profile)}  # the demo's own calibration
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         var, vae = load_pair(var_path, vae_path)
         kv_policy = make_policy(policy, var.config.patch_nums, policy_args)

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     # Model.
     var_checkpoint: str | None = Field(None, description="VAR checkpoint path; None = bundled default model")
     vae_checkpoint: str | None = Field(None, description="VQVAE checkpoint path; None = bundled default")
-    policy: str = Field("amskv", min_length=1, description="KV-cache policy name")
+    policy: str = Field("amskv-static", min_length=1,
+                        description="KV-cache policy name (amskv-static: batch-invariant, memory known up front)")
     policy_args: dict[str, Any] = Field(default_factory=dict, description="policy keyword arguments (env: JSON)")
     dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="None = fp32 on cpu, bf16 on cuda")
     device: Literal["cpu", "cuda", "auto"] = "auto"
