@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="bind port (AMSKV_PORT, default 8000)")
     parser.add_argument("--var", metavar="CKPT", help="VAR checkpoint (AMSKV_VAR_CHECKPOINT; default: bundled model)")
     parser.add_argument("--vae", metavar="CKPT", help="VQVAE checkpoint (AMSKV_VAE_CHECKPOINT)")
-    parser.add_argument("--policy", help="KV-cache policy (AMSKV_POLICY, default amskv)")
+    parser.add_argument("--policy", help="KV-cache policy (AMSKV_POLICY, default amskv-static)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="AMSKV_DTYPE (default fp32 on cpu)")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="AMSKV_DEVICE (default auto)")
     parser.add_argument("--max-batch", type=int, help="AMSKV_MAX_BATCH (at most 256)")
