@@ -94,3 +94,10 @@ def test_safetensors_loads_the_same(golden_dir, tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     a, b = load_var(golden_dir / "tiny_var.pth"), load_var(path)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_loading_assigns_the_read_tensors_without_copies(golden_dir):
+    sd = read_state_dict(golden_dir / "tiny_var.pth")  # memory-mapped for .pth files
+    model = build_var(sd)
+    for name in ("pos_1LC", "blocks.0.attn.mat_qkv.weight", "head.weight"):
+        assert model.state_dict()[name].data_ptr() == sd[name].data_ptr()
