@@ -154,7 +154,7 @@ class InferenceWorker:
     def _warm_up(self) -> None:
         engine = self._engine
         device = engine.device
-        result = engine.generate([0], [0], [self._warmup_params])
+        engine.generate([0], [0], [self._warmup_params])  # warm-up: first-call allocations and kernels
         if device.type == "cuda":
             # The activation peak grows with the batch: measure it at 1 and 2 images and extrapolate
             # linearly, so the admissible batch reserves activations as well as KV for every image.

@@ -6,9 +6,7 @@ always exits 0 cannot make the suite pass. Tools come from PATH or .ci/install-o
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -17,9 +15,9 @@ import pytest
 import yaml
 
 from server import metrics
+from tests.tools import find_tool
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS_DIR = Path(os.environ.get("AMSKV_TOOLS_DIR", "/opt/amskv-tools"))
 PROMETHEUS_CONFIG = REPO / "docker/prometheus/prometheus.yml"
 ALERT_RULES = REPO / "docker/prometheus/rules/amskv-alerts.yml"
 DASHBOARD = REPO / "docker/grafana/dashboards/amskv.json"
@@ -29,18 +27,6 @@ COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
 PROMETHEUS_BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
 
-def find_tool(name: str, tools_first: bool = False) -> str:
-    """Locate a tool; fail when CI=true (CI installs them), skip with the reason otherwise."""
-    tools_bin = str(TOOLS_DIR / "bin")
-    lookups = [tools_bin, None] if tools_first else [None, tools_bin]
-    for path in lookups:
-        found = shutil.which(name, path=path)
-        if found:
-            return found
-    message = f"{name} not found on PATH or in {tools_bin}; run .ci/install-ops-tools.sh"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def run(args: list, **kwargs) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ amskv_images_generated_total has risen. Both processes are stopped by PID at the
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.tools import find_tool
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_READY_WAIT_S = 240  # model load + warm-up on a 2-core CPU machine
@@ -25,15 +25,6 @@ REQUESTS = 3
 LABELS_PER_REQUEST = [1, 2]
 
 
-def find_tool(name: str) -> str:
-    tools_bin = Path(os.environ.get("AMSKV_TOOLS_DIR", "/opt/amskv-tools")) / "bin"
-    found = shutil.which(name) or shutil.which(name, path=str(tools_bin))
-    if found:
-        return found
-    message = f"{name} not found on PATH or in {tools_bin}; run .ci/install-ops-tools.sh"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def free_port() -> int:

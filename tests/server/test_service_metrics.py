@@ -5,16 +5,14 @@ basename and the test tree has no __init__.py files, so a second one breaks coll
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import metrics
+from tests.tools import find_tool
 
 # name in code -> (exported family name, type, label names), as the server code relies on them.
 EXPECTED = {
@@ -50,16 +48,6 @@ FORBIDDEN_LABEL = re.compile(r"class|seed|request_?id|^id$|client|user|prompt", 
 IMAGE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 192, 256]
 
 
-def find_tool(name: str) -> str:
-    """The tool from PATH or the dir .ci/install-ops-tools.sh fills; fail in CI, skip locally."""
-    tools_bin = Path(os.environ.get("AMSKV_TOOLS_DIR", "/opt/amskv-tools")) / "bin"
-    found = shutil.which(name) or shutil.which(name, path=str(tools_bin))
-    if found:
-        return found
-    message = f"{name} not found on PATH or in {tools_bin}; run .ci/install-ops-tools.sh"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def touch_every_metric() -> None:
