@@ -168,12 +168,12 @@ AMSKV_PRESETS: dict[str, dict[str, dict]] = {
     "default": {
         "256": {"c_cds": 2, "c_min": 100, "c_max": 155},
         "512": {"c_cds": 2, "c_min": 330, "c_max": 640},
-        "demo": {"c_cds": 2, "c_min": 41, "c_max": 64},
+        "demo": {"c_cds": 2, "c_min": 30, "c_max": 55, "theta": 0.45},
     },
     "aggressive": {
         "256": {"c_cds": 2, "c_min": 64, "c_max": 64},
         "512": {"c_cds": 2, "c_min": 200, "c_max": 330},
-        "demo": {"c_cds": 2, "c_min": 25, "c_max": 36},
+        "demo": {"c_cds": 2, "c_min": 30, "c_max": 30, "theta": 0.45},
     },
 }
 POLICY_NAMES = ("vanilla", "full", "window", "sink", "amskv", "amskv-static")
