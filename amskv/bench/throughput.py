@@ -39,9 +39,11 @@ def run_suite(tiny: bool = False, rounds: int | None = None) -> Report:
             labels = [i % engine.num_classes for i in range(n)]
             return lambda: engine.generate(labels, list(range(n)), params)
 
-        with torch.inference_mode():
-            samples = interleaved({label: call(engines[label], n) for label, n in todo.items()}, rounds,
-                                  warmup=1 if batch == batches[0] else 0)
+        samples = {}
+        if todo:  # every policy already capped below this batch: nothing new to time
+            with torch.inference_mode():
+                samples = interleaved({label: call(engines[label], n) for label, n in todo.items()}, rounds,
+                                      warmup=1 if batch == batches[0] else 0)
         for label, n in plan.items():
             if label in todo:
                 last[label] = (n, median(samples[label]))
