@@ -103,7 +103,7 @@ KV_PER_IMAGE = Gauge(
     ["model"], registry=REGISTRY,
 )
 KV_VANILLA_PER_IMAGE = Gauge(
-    "amskv_kv_cache_vanilla_bytes_per_image", "KV-cache bytes one image would need with the full cache.",
+    "amskv_kv_cache_vanilla_bytes_per_image", "KV-cache bytes one image would need with the original (vanilla) caching.",
     ["model"], registry=REGISTRY,
 )
 KV_REDUCTION = Gauge(

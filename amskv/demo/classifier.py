@@ -8,7 +8,6 @@ The shipped weights (``amskv/weights/mnist_classifier.pth``) were trained by :fu
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import math
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from amskv.demo.metrics import as_unit_images, feature_stats, save_reference_stats
+from amskv.weights import load_shipped
 
 CLASSIFIER_FILE = "mnist_classifier.pth"
 FEATURE_DIM = 128
@@ -79,13 +79,7 @@ def predict(model: MnistClassifier, images: torch.Tensor, batch_size: int = 500)
 def load_classifier(path: str | Path | None = None) -> MnistClassifier:
     """The classifier in eval mode; by default with the weights shipped in ``amskv.weights``."""
     model = MnistClassifier()
-    if path is None:
-        resource = importlib.resources.files("amskv.weights") / CLASSIFIER_FILE
-        with importlib.resources.as_file(resource) as file_path:
-            state = torch.load(file_path, weights_only=True)
-    else:
-        state = torch.load(path, weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(load_shipped(CLASSIFIER_FILE, path))
     return model.eval()
 
 

@@ -9,12 +9,13 @@ Everything is plain torch (float64 for the statistics), so the serving install n
 """
 from __future__ import annotations
 
-import importlib.resources
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from amskv.weights import load_shipped
 
 REFERENCE_STATS_FILE = "mnist_test_stats.pt"
 # A [0, 1] image never goes below 0 except by decoder overshoot; a [-1, 1] image has background at -1.
@@ -89,12 +90,7 @@ def save_reference_stats(stats: FeatureStats, path: str | Path, source: str) -> 
 
 def load_reference_stats(path: str | Path | None = None) -> FeatureStats:
     """Reference feature statistics; by default the shipped ones of the 10k MNIST test images."""
-    if path is None:
-        resource = importlib.resources.files("amskv.weights") / REFERENCE_STATS_FILE
-        with importlib.resources.as_file(resource) as file_path:
-            blob = torch.load(file_path, weights_only=True)
-    else:
-        blob = torch.load(path, weights_only=True)
+    blob = load_shipped(REFERENCE_STATS_FILE, path)
     return FeatureStats(mean=blob["mean"].to(torch.float64), cov=blob["cov"].to(torch.float64),
                         count=int(blob["count"]))
 
