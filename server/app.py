@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import logging
 import secrets
 import time
@@ -124,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service.batcher.close(Unavailable("server shut down", code="draining", retry_after_s=5))
         await asyncio.to_thread(service.worker.stop)
         metrics.READY.set(0)
+        # Runs after uvicorn closed every connection: the final account of what the app answered.
+        logger.info("shutdown complete: generate requests answered by status %s", json.dumps(_answered()))
 
     app = FastAPI(title="amskv", version="0.1.0", lifespan=lifespan,
                   description="Class-conditional VAR image generation with the AMS-KV cache manager")
@@ -191,6 +194,17 @@ def _version() -> str:
         return importlib.metadata.version("amskv")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
         return "0+unknown"
+
+
+def _answered() -> dict[str, int]:
+    """Generate requests answered so far, by HTTP status, over both paths."""
+    out: dict[str, int] = {}
+    for family in metrics.REQUESTS.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                status = sample.labels["status"]
+                out[status] = out.get(status, 0) + int(sample.value)
+    return dict(sorted(out.items()))
 
 
 def _count_invalid(request: Request) -> None:
