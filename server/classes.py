@@ -69,10 +69,10 @@ class ClassCatalog:
         if WNID_PATTERN.match(text):
             if text in self._by_wnid:
                 return self._by_wnid[text]
-            raise ValueError(f"unknown WordNet id {text!r} for this model")
+            raise ValueError(f"unknown WordNet id {_clip(text)} for this model")
         matches = self._by_name.get(text.lower())
         if not matches:
-            raise ValueError(f"unknown class name {label!r}; GET /v1/classes lists the valid names")
+            raise ValueError(f"unknown class name {_clip(label)}; GET /v1/classes lists the valid names")
         if len(matches) > 1:
             options = ", ".join(self._describe(i) for i in matches)
             raise ValueError(f"class name {label!r} is ambiguous; use one of: {options}")
@@ -95,3 +95,8 @@ class ClassCatalog:
     def _describe(self, index: int) -> str:
         entry = self.entries[index]
         return f"{entry.wnid or index} ({entry.names[0] if entry.names else index})"
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """The client's label as quoted in an error: never the whole (up to 64 KiB) body back."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
