@@ -23,9 +23,10 @@ from server import metrics
 from server.batcher import Batcher
 from server.classes import ClassCatalog
 from server.encoding import b64_png, png_bytes, zip_archive, zip_entry_name
-from server.errors import (ApiError, BodyTooLarge, GenerationTimeout, InvalidRequest, Unavailable,
-                           UnsupportedMediaType, error_response, register_exception_handlers)
+from server.errors import (ApiError, GenerationTimeout, InvalidRequest, Unavailable,
+                           register_exception_handlers)
 from server.jobs import Job, JobResult, JobStatus
+from server.middleware import GENERATE_PATHS, RequestGuard, RequestMetrics
 from server.schemas import (ERROR_RESPONSES, SEED_MAX, ClassInfo, ClassList, GenerateRequest,
                             GenerateResponse, HealthStatus, ModelCard, ModelList)
 from server.settings import Settings, get_settings
@@ -33,7 +34,6 @@ from server.worker import FaultPlan, InferenceWorker
 
 logger = logging.getLogger(__name__)
 
-GENERATE_PATHS = ("/v1/generate", "/generate")
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; the client never sees it, the metrics do
 
 
@@ -312,81 +312,3 @@ def _render(job: Job, result: JobResult, model: str, response_format: str) -> Re
         return Response(zip_archive(result.images, manifest), media_type="application/zip", headers=headers)
     data = [{**item, "b64_json": b64_png(image)} for item, image in zip(items, result.images)]
     return JSONResponse({**base, "data": data, "usage": usage}, headers=headers)
-
-
-class RequestMetrics:
-    """Pure ASGI middleware: X-Request-ID on every response; count and time the generate endpoints."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        request_id = f"gen_{uuid.uuid4().hex}"
-        scope["amskv.request_id"] = request_id
-        status = {"code": 500}
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        began = time.perf_counter()
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            path = scope.get("path", "")
-            if path in GENERATE_PATHS and scope.get("method") == "POST":
-                metrics.REQUESTS.labels(endpoint=path, status=str(status["code"])).inc()
-                metrics.REQUEST_DURATION.labels(endpoint=path).observe(time.perf_counter() - began)
-
-
-class RequestGuard:
-    """Pure ASGI middleware for POSTs: JSON only (415) and a body size limit (413), before any parsing."""
-
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if content_type and content_type != b"application/json":
-            return await _reject(scope, send, UnsupportedMediaType(
-                f"Content-Type must be application/json, got {content_type.decode(errors='replace')!r}",
-                param="Content-Type"))
-        too_large = BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                                 param="body")
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await _reject(scope, send, too_large)
-        body = b""
-        while True:  # read it all (it is small) so chunked bodies are limited too
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return await _reject(scope, send, too_large)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-async def _reject(scope: dict, send: Callable, error: ApiError) -> None:
-    response = error_response(error)
-    await response(scope, None, send)

@@ -1,0 +1,90 @@
+"""Pure ASGI middleware of the service: request ids and generate-endpoint metrics; media type and body limits."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from server import metrics
+from server.errors import ApiError, BodyTooLarge, UnsupportedMediaType, error_response
+
+GENERATE_PATHS = ("/v1/generate", "/generate")
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: X-Request-ID on every response; count and time the generate endpoints."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = f"gen_{uuid.uuid4().hex}"
+        scope["amskv.request_id"] = request_id
+        status = {"code": 500}
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        began = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            if path in GENERATE_PATHS and scope.get("method") == "POST":
+                metrics.REQUESTS.labels(endpoint=path, status=str(status["code"])).inc()
+                metrics.REQUEST_DURATION.labels(endpoint=path).observe(time.perf_counter() - began)
+
+
+class RequestGuard:
+    """Pure ASGI middleware for POSTs: JSON only (415) and a body size limit (413), before any parsing."""
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if content_type and content_type != b"application/json":
+            return await _reject(scope, send, UnsupportedMediaType(
+                f"Content-Type must be application/json, got {content_type.decode(errors='replace')!r}",
+                param="Content-Type"))
+        too_large = BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                                 param="body")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await _reject(scope, send, too_large)
+        body = b""
+        while True:  # read it all (it is small) so chunked bodies are limited too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return await _reject(scope, send, too_large)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _reject(scope: dict, send: Callable, error: ApiError) -> None:
+    response = error_response(error)
+    await response(scope, None, send)
