@@ -153,8 +153,7 @@ class Engine:
         """Image i depends only on (labels[i], seeds[i], params[i])."""
         res = self.generate_tokens(labels, seeds, params)
         t0 = time.perf_counter()
-        exact = ~RowParams.stack(self._validate(labels, seeds, params), self.device).more_smooth
-        images = decode_images(self.vae, res.f_hat, res.tokens, exact, self.decode_chunk)
+        images = decode_images(self.vae, res.f_hat, res.tokens, ~res.smooth_rows, self.decode_chunk)
         return GenerationResult(images=images, tokens=[t.cpu() for t in res.tokens],
                                 kv_allocated_bytes=res.kv_allocated_bytes,
                                 kv_peak_stored_bytes=res.kv_peak_stored_bytes, seconds_ar=res.seconds,

@@ -25,6 +25,7 @@ class TokenResult:
     kv_allocated_bytes: int
     kv_peak_stored_bytes: int
     kept_after_scale: list  # [scale][layer] -> kept scale indices
+    smooth_rows: torch.Tensor | None = None  # (B,) bool: rows decoded from soft (more_smooth) codes
     expansions: dict[int, int] = field(default_factory=dict)
     similarities: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -79,7 +80,8 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
     return TokenResult(
         f_hat=f_hat, tokens=tokens, kv_allocated_bytes=cache.allocated_bytes,
         kv_peak_stored_bytes=cache.peak_stored_bytes, kept_after_scale=cache.kept_after_scale,
-        expansions=cache.expansions(), similarities=cache.similarities, seconds=time.perf_counter() - t0,
+        smooth_rows=params.more_smooth, expansions=cache.expansions(), similarities=cache.similarities,
+        seconds=time.perf_counter() - t0,
     )
 
 
