@@ -18,7 +18,6 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from amskv.commands.common import DefaultsHelpFormatter
 from server.settings import Settings, describe_validation_error
 
 HELP = "run the HTTP inference server (uvicorn, one worker process)"
@@ -28,32 +27,19 @@ logger = logging.getLogger(__name__)
 # flag -> Settings field; only flags given on the command line override the environment.
 FLAG_FIELDS = {"host": "host", "port": "port", "var": "var_checkpoint", "vae": "vae_checkpoint",
                "policy": "policy", "dtype": "dtype", "device": "device", "max_batch": "max_batch",
-               "log_level": "log_level", "kv_profile": "kv_profile"}
-
-
-def _env(flag: str, default: object = None) -> str:
-    """'(AMSKV_X; default: D)' with D read from Settings, so the help cannot drift from the real default."""
-    field = FLAG_FIELDS[flag]
-    shown = Settings.model_fields[field].default if default is None else default
-    return f"(AMSKV_{field.upper()}; default: {shown})"
+               "log_level": "log_level"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # No argparse defaults: a flag left out must not override the environment; the help shows Settings' default.
-    parser.add_argument("--host", help=f"bind address {_env('host')}")
-    parser.add_argument("--port", type=int, help=f"bind port {_env('port')}")
-    parser.add_argument("--var", metavar="CKPT", help=f"VAR checkpoint {_env('var', 'the bundled demo model')}")
-    parser.add_argument("--vae", metavar="CKPT", help=f"VQVAE checkpoint {_env('vae', 'the bundled demo VQVAE')}")
-    parser.add_argument("--policy", help=f"KV-cache policy {_env('policy')}")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                        help=f"transformer dtype {_env('dtype', 'fp32 on cpu, bf16 on cuda')}")
-    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help=f"device {_env('device')}")
-    parser.add_argument("--max-batch", type=int, help=f"cap on images per batch, at most 256 {_env('max_batch')}")
-    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
-                        help=f"log level {_env('log_level')}")
-    parser.add_argument("--kv-profile", metavar="auto|off|FILE",
-                        help=f"KV calibration profile: auto calibrates at start-up or reuses the cached profile "
-                             f"{_env('kv_profile')}")
+    parser.add_argument("--host", help="bind address (AMSKV_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="bind port (AMSKV_PORT, default 8000)")
+    parser.add_argument("--var", metavar="CKPT", help="VAR checkpoint (AMSKV_VAR_CHECKPOINT; default: bundled model)")
+    parser.add_argument("--vae", metavar="CKPT", help="VQVAE checkpoint (AMSKV_VAE_CHECKPOINT)")
+    parser.add_argument("--policy", help="KV-cache policy (AMSKV_POLICY, default amskv-static)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="AMSKV_DTYPE (default fp32 on cpu)")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="AMSKV_DEVICE (default auto)")
+    parser.add_argument("--max-batch", type=int, help="AMSKV_MAX_BATCH (at most 256)")
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
@@ -67,9 +53,6 @@ def check_paths(settings: Settings) -> list[str]:
     for name, path in (("var_checkpoint", settings.var_checkpoint), ("vae_checkpoint", settings.vae_checkpoint)):
         if path is not None and not os.path.isfile(path):
             problems.append(f"invalid setting AMSKV_{name.upper()}: no such file {path!r}")
-    if settings.kv_profile not in ("auto", "off") and not os.path.isfile(settings.kv_profile):
-        problems.append(f"invalid setting AMSKV_KV_PROFILE: 'auto', 'off' or a profile file; no such file "
-                        f"{settings.kv_profile!r}")
     return problems
 
 
@@ -90,12 +73,10 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from amskv.kvcache.manager import cuda_available
-
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     try:
-        settings.resolved_device(cuda_available())
+        settings.resolved_device(torch.cuda.is_available())
     except ValueError as exc:
         print(f"invalid setting AMSKV_DEVICE: {exc}", file=sys.stderr)
         return 2
@@ -146,7 +127,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="amskv serve", description=HELP, formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="amskv serve", description=HELP)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
