@@ -1,6 +1,8 @@
 # amskv API: class-conditional VAR image generation with the AMS-KV cache manager.
-# The CUDA 12.8 runtime image supports Hopper (H100/H200) and ships torch, which satisfies torch>=2.4.
-FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+# Every Python package, torch included, comes from requirements.lock (used as pip constraints), the same lock
+# that CI and the README install from. PyPI's torch 2.13.0 for Linux is the CUDA build; it pins its own
+# nvidia-* runtime wheels exactly, so the image needs only the host driver (NVIDIA Container Toolkit).
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -9,10 +11,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Only what the package build needs: keeps ./checkpoints and other local files out of the image.
 WORKDIR /opt/amskv/src
 # README*.md: the wildcard keeps the build working while the repo has no README yet.
-COPY pyproject.toml README*.md ./
+COPY pyproject.toml requirements.lock README*.md ./
+# torch first, in its own layer: it is by far the largest and changes least often.
+RUN pip install --no-cache-dir -c requirements.lock torch==2.13.0
 COPY amskv ./amskv
 COPY server ./server
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c requirements.lock . \
     && useradd --create-home --uid 10001 --user-group amskv
 
 # AMSKV_* variables configure the service at run time. Checkpoints are mounted read-only at /models and

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from amskv.kvcache.policy import KVPolicy
-from amskv.kvcache.storage import KVCache
+from amskv.kvcache.storage import KVCache, KVPool
 from amskv.memory import plan_kv
+from amskv.model.invariant import invariant_linear
 from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
 from amskv.sampling import RowParams, cfg_mix, filter_top_k_top_p_, sample_tokens, smooth_weights
@@ -27,27 +28,43 @@ class TokenResult:
     kept_after_scale: list  # [scale][layer] -> kept scale indices
     smooth_rows: torch.Tensor | None = None  # (B,) bool: rows decoded from soft (more_smooth) codes
     expansions: dict[int, int] = field(default_factory=dict)
+    unplanned_expansions: list[int] = field(default_factory=list)  # expansions beyond the profile's plan
     similarities: dict = field(default_factory=dict)
     seconds: float = 0.0
 
 
-def allocate_cache(var: VAR, policy: KVPolicy, batch: int, dtype: torch.dtype, device, observer=None) -> KVCache:
+def allocate_cache(var: VAR, policy: KVPolicy, batch: int, dtype: torch.dtype, device, observer=None,
+                   pool: KVPool | None = None) -> KVCache:
+    """The batch's cache: views of ``pool`` when it holds this plan and batch, else new buffers."""
     cfg = var.config
-    plan = plan_kv(policy, cfg.patch_nums, cfg.depth)  # worst case when layers decide online
+    plan = plan_kv(policy, cfg.patch_nums, cfg.depth)  # the profile's plan, or the worst case when layers decide online
     return KVCache(policy, cfg.patch_nums, rows=2 * batch, heads=cfg.num_heads, head_dim=cfg.head_dim,
                    capacities=list(plan.capacities), workspace_tokens=plan.workspace_tokens,
-                   dtype=dtype, device=device, observer=observer)
+                   dtype=dtype, device=device, observer=observer, pool=pool)
+
+
+def plan_pool(var: VAR, policy: KVPolicy, images: int, dtype: torch.dtype, device) -> KVPool:
+    """KV buffers for up to ``images`` images under ``policy``'s plan, allocated once and reused by batches."""
+    cfg = var.config
+    plan = plan_kv(policy, cfg.patch_nums, cfg.depth)
+    return KVPool(images, cfg.num_heads, cfg.head_dim, list(plan.capacities), plan.workspace_tokens, dtype, device)
 
 
 @torch.no_grad()
 def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Tensor, params: RowParams,
-                    policy: KVPolicy, observer=None) -> TokenResult:
-    """labels, seeds: (B,) int64 on the model's device."""
+                    policy: KVPolicy, observer=None, pool: KVPool | None = None,
+                    force_tokens=None) -> TokenResult:
+    """labels, seeds: (B,) int64 on the model's device.
+
+    ``pool``: reuse its KV buffers instead of allocating. ``force_tokens(si, logits)``, for conformance tests:
+    gets the raw (2B, pn^2, V) logits of every row (conditional rows, then unconditional, before CFG) and
+    returns the (B, pn^2) tokens to use instead of sampled ones.
+    """
     t0 = time.perf_counter()
     cfg, quant = var.config, vae.quantize
     B, S, device = labels.shape[0], cfg.num_scales, labels.device
     kv_dtype = var.blocks[0].attn.mat_qkv.weight.dtype
-    cache = allocate_cache(var, policy, B, kv_dtype, device, observer)
+    cache = allocate_cache(var, policy, B, kv_dtype, device, observer, pool)
 
     cond_BD = var.class_emb(torch.cat((labels, torch.full_like(labels, var.null_class))))  # (2B, C): cond | uncond
     lvl_pos = var.lvl_pos()  # (1, L, C)
@@ -63,13 +80,15 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
         cache.begin_scale(si)
         h = var.run_blocks(x, cond_BD, kv_layers=cache)
         cache.end_scale()
-        logits = cfg_mix(var.get_logits(h, cond_BD), params.cfg, ratio)  # (B, pn^2, V)
+        raw = var.get_logits(h, cond_BD)  # (2B, pn^2, V)
+        logits = cfg_mix(raw, params.cfg, ratio)  # (B, pn^2, V)
         filter_top_k_top_p_(logits, params.top_k, params.top_p)
-        idx = sample_tokens(logits, seeds, si)  # (B, pn^2)
+        idx = sample_tokens(logits, seeds, si) if force_tokens is None else force_tokens(si, raw)  # (B, pn^2)
         tokens.append(idx)
         code = quant.embedding(idx)  # (B, pn^2, Cvae)
         if smooth_any:
-            soft = smooth_weights(logits, seeds, si, ratio) @ quant.embedding.weight  # (B, pn^2, Cvae)
+            weights = smooth_weights(logits, seeds, si, ratio)  # (B, pn^2, V)
+            soft = invariant_linear(weights, quant.embedding.weight.t())  # weights @ codebook: (B, pn^2, Cvae)
             code = torch.where(params.more_smooth.view(B, 1, 1), soft, code)
         h_BChw = code.transpose(1, 2).reshape(B, cfg.cvae, pn, pn)  # (B, pn^2, Cv) -> (B, Cv, pn, pn)
         nxt = quant.next_autoregressive_input(si, f_hat, h_BChw)
@@ -80,7 +99,8 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
     return TokenResult(
         f_hat=f_hat, tokens=tokens, kv_allocated_bytes=cache.allocated_bytes,
         kv_peak_stored_bytes=cache.peak_stored_bytes, kept_after_scale=cache.kept_after_scale,
-        smooth_rows=params.more_smooth, expansions=cache.expansions(), similarities=cache.similarities,
+        smooth_rows=params.more_smooth, expansions=cache.expansions(),
+        unplanned_expansions=cache.unplanned_expansions(), similarities=cache.similarities,
         seconds=time.perf_counter() - t0,
     )
 

@@ -1,6 +1,6 @@
 """Images/s on the CPU for the golden tiny model (depth 2, 256 px) at batch 1, 8 and 32.
 
-    python bench/engine_cpu.py [--golden ../shared/golden] [--threads 1] [--repeats 3] [--json OUT]
+    python bench/engine_cpu.py [--golden tests/golden] [--threads 1] [--repeats 3] [--json OUT]
 
 Batches are interleaved over the repeats and the median is reported, since this machine is shared.
 Prints a Markdown table and one JSON object.
@@ -22,7 +22,7 @@ from amskv.sampling import SamplingParams
 def main() -> int:
     repo = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--golden", default=str(repo.parent / "shared" / "golden"))
+    parser.add_argument("--golden", default=str(repo / "tests" / "golden"))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)

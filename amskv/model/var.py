@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from amskv.config import VARConfig
+from amskv.model.invariant import Linear, invariant_linear
 
 # ln(100) rounded to float32, as the original computes it with torch.log(torch.tensor(100)).item().
 MAX_SCALE_MUL = 4.605170249938965
@@ -21,14 +22,16 @@ MAX_SCALE_MUL = 4.605170249938965
 class FFN(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class SelfAttention(nn.Module):
+    batch_invariant = False  # set with amskv.model.invariant.set_batch_invariant
+
     def __init__(self, cfg: VARConfig):
         super().__init__()
         C, H = cfg.embed_dim, cfg.num_heads
@@ -39,16 +42,17 @@ class SelfAttention(nn.Module):
             self.scale = 1.0
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
-        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.mat_qkv = Linear(C, 3 * C, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(C))
         self.v_bias = nn.Parameter(torch.zeros(C))
         self.register_buffer("zero_k_bias", torch.zeros(C))  # K has no bias; kept because checkpoints carry it
-        self.proj = nn.Linear(C, C)
+        self.proj = Linear(C, C)
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, kv=None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))  # parameters, not K/V
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, hd)
+        linear = invariant_linear if self.batch_invariant else F.linear
+        qkv = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if self.l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
@@ -75,7 +79,7 @@ class AdaLNSelfAttn(nn.Module):
         self.ffn = FFN(C, round(C * cfg.mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
         if not cfg.shared_aln:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+            self.ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 6 * C))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias=None, kv=None) -> torch.Tensor:
         # cond: (B, C) class condition, or (B, 1, 6, C) from shared_ada_lin when AdaLN is shared
@@ -95,7 +99,7 @@ class AdaLNBeforeHead(nn.Module):
         super().__init__()
         self.C = cfg.embed_dim
         self.ln_wo_grad = nn.LayerNorm(self.C, eps=cfg.norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(self.C, 2 * self.C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(self.C, 2 * self.C))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)  # (B, 2C) -> 2 x (B, 1, C)
@@ -121,14 +125,14 @@ class VAR(nn.Module):
         lvl_1L, attn_bias = level_layout(cfg.patch_nums)
         self.register_buffer("lvl_1L", lvl_1L)
         self.register_buffer("attn_bias_for_masking", attn_bias.contiguous())
-        self.word_embed = nn.Linear(cfg.cvae, C)
+        self.word_embed = Linear(cfg.cvae, C)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # last row: the null class used by CFG
         self.lvl_embed = nn.Embedding(cfg.num_scales, C)
         if cfg.shared_aln:
-            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 6 * C))
         self.blocks = nn.ModuleList([AdaLNSelfAttn(cfg) for _ in range(cfg.depth)])
         self.head_nm = AdaLNBeforeHead(cfg)
-        self.head = nn.Linear(C, cfg.vocab_size)
+        self.head = Linear(C, cfg.vocab_size)
 
     @property
     def null_class(self) -> int:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from amskv.config import VQVAEConfig
+from amskv.model.invariant import in_fixed_batches
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -168,8 +169,12 @@ class Phi(nn.Conv2d):
         super().__init__(channels, channels, 3, 1, 1)
         self.resi_ratio = abs(resi_ratio)
 
+    batch_invariant = False  # set with amskv.model.invariant.set_batch_invariant
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h.mul(1 - self.resi_ratio) + super().forward(h).mul_(self.resi_ratio)
+        conv = super().forward
+        refined = in_fixed_batches(conv, h) if self.batch_invariant else conv(h)
+        return h.mul(1 - self.resi_ratio) + refined.mul_(self.resi_ratio)
 
 
 class PhiPartiallyShared(nn.Module):

