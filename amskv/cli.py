@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from amskv.commands.common import DefaultsHelpFormatter
+
 # (name, module) in the order `amskv --help` lists them.
 COMMANDS: list[tuple[str, str]] = [
     ("generate", "amskv.commands.generate"),
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
             if not (module_name == exc.name or module_name.startswith(f"{exc.name}.")):
                 raise
             continue
-        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=DefaultsHelpFormatter)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser

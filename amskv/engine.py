@@ -14,7 +14,7 @@ import torch
 
 from amskv.config import VAR_PRESETS, VARConfig
 from amskv.generate import decode_images, generate_tokens
-from amskv.kvcache.policy import KVPolicy, make_policy
+from amskv.kvcache.policy import DEFAULT_POLICY, KVPolicy, make_policy
 from amskv.memory import DTYPES, KVMemory, kv_memory, max_batch
 from amskv.model.loading import CheckpointError, load_pair
 from amskv.model.var import VAR
@@ -34,6 +34,14 @@ def bundled_checkpoints() -> tuple[Path, Path]:
     if not (var.is_file() and vae.is_file()):
         raise CheckpointError(f"the bundled demo model is missing from {root}; reinstall amskv or pass --var/--vae")
     return var, vae
+
+
+def with_demo_profile(policy: str, policy_args: dict | None) -> dict:
+    """``amskv-static`` on the bundled demo model uses the demo's own calibration unless given flags or a profile."""
+    profile = Path(str(resources.files("amskv") / "weights")) / DEMO_PROFILE
+    if policy == "amskv-static" and profile.is_file() and not {"profile", "demanding"} & set(policy_args or {}):
+        return {**(policy_args or {}), "profile": str(profile)}
+    return dict(policy_args or {})
 
 
 def model_name(cfg: VARConfig) -> str:
@@ -86,16 +94,14 @@ class Engine:
 
     @classmethod
     def load(cls, var_path: str | Path | None = None, vae_path: str | Path | None = None, *,
-             policy: str = "amskv", policy_args: dict | None = None, dtype: str = "fp32",
+             policy: str = DEFAULT_POLICY, policy_args: dict | None = None, dtype: str = "fp32",
              device: str = "cpu") -> "Engine":
         """``None`` paths load the bundled demo model. Raises CheckpointError or ValueError on bad input."""
         if (var_path is None) != (vae_path is None):
             raise ValueError("give both --var and --vae, or neither for the bundled demo model")
         if var_path is None:
             var_path, vae_path = bundled_checkpoints()
-            profile = var_path.parent / DEMO_PROFILE
-            if policy == "amskv-static" and profile.is_file() and not {"profile", "demanding"} & set(policy_args or {}):
-                policy_args = {**(policy_args or {}), "profile": str(profile)}  # the demo's own calibration
+            policy_args = with_demo_profile(policy, policy_args)
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         var, vae = load_pair(var_path, vae_path)
         kv_policy = make_policy(policy, var.config.patch_nums, policy_args)

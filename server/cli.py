@@ -18,6 +18,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from amskv.commands.common import DefaultsHelpFormatter
 from server.settings import Settings, describe_validation_error
 
 HELP = "run the HTTP inference server (uvicorn, one worker process)"
@@ -30,16 +31,26 @@ FLAG_FIELDS = {"host": "host", "port": "port", "var": "var_checkpoint", "vae": "
                "log_level": "log_level"}
 
 
+def _env(flag: str, default: object = None) -> str:
+    """'(AMSKV_X; default: D)' with D read from Settings, so the help cannot drift from the real default."""
+    field = FLAG_FIELDS[flag]
+    shown = Settings.model_fields[field].default if default is None else default
+    return f"(AMSKV_{field.upper()}; default: {shown})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="bind address (AMSKV_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="bind port (AMSKV_PORT, default 8000)")
-    parser.add_argument("--var", metavar="CKPT", help="VAR checkpoint (AMSKV_VAR_CHECKPOINT; default: bundled model)")
-    parser.add_argument("--vae", metavar="CKPT", help="VQVAE checkpoint (AMSKV_VAE_CHECKPOINT)")
-    parser.add_argument("--policy", help="KV-cache policy (AMSKV_POLICY, default amskv-static)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="AMSKV_DTYPE (default fp32 on cpu)")
-    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="AMSKV_DEVICE (default auto)")
-    parser.add_argument("--max-batch", type=int, help="AMSKV_MAX_BATCH (at most 256)")
-    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    # No argparse defaults: a flag left out must not override the environment; the help shows Settings' default.
+    parser.add_argument("--host", help=f"bind address {_env('host')}")
+    parser.add_argument("--port", type=int, help=f"bind port {_env('port')}")
+    parser.add_argument("--var", metavar="CKPT", help=f"VAR checkpoint {_env('var', 'the bundled demo model')}")
+    parser.add_argument("--vae", metavar="CKPT", help=f"VQVAE checkpoint {_env('vae', 'the bundled demo VQVAE')}")
+    parser.add_argument("--policy", help=f"KV-cache policy {_env('policy')}")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                        help=f"transformer dtype {_env('dtype', 'fp32 on cpu, bf16 on cuda')}")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help=f"device {_env('device')}")
+    parser.add_argument("--max-batch", type=int, help=f"cap on images per batch, at most 256 {_env('max_batch')}")
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+                        help=f"log level {_env('log_level')}")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
@@ -127,7 +138,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="amskv serve", description=HELP)
+    parser = argparse.ArgumentParser(prog="amskv serve", description=HELP, formatter_class=DefaultsHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

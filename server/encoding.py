@@ -25,10 +25,6 @@ def b64_png(image: np.ndarray) -> str:
     return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-def zip_entry_name(index: int, class_label: int, seed: int) -> str:
-    return f"{index:03d}_{class_label}_{seed}.png"
-
-
 def zip_archive(images: list[np.ndarray], manifest: dict[str, Any]) -> bytes:
     """Stored (not deflated) PNGs are already compressed; manifest.json describes each entry."""
     buffer = io.BytesIO()

@@ -34,7 +34,10 @@ ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 
 # Closed label value sets, exported so callers and tests can pre-initialise or validate them.
-REJECT_REASONS = ("queue_full", "too_many_images", "draining", "invalid", "not_ready")
+REJECT_REASONS = ("queue_full", "too_many_images", "draining", "invalid", "not_ready", "body_too_large",
+                  "unsupported_media_type")
+# The two paths of the generate endpoint (the `endpoint` label of the request metrics).
+GENERATE_ENDPOINTS = ("/v1/generate", "/generate")
 CANCEL_STAGES = ("queued", "running")
 TIMEOUT_STAGES = ("queued", "running")
 FAILURE_REASONS = ("error", "oom")
@@ -153,6 +156,15 @@ for _reason in FAILURE_REASONS:
     BATCH_FAILURES.labels(reason=_reason)
 for _stage in BATCH_STAGES:
     BATCH_DURATION.labels(stage=_stage)
+for _endpoint in GENERATE_ENDPOINTS:
+    REQUEST_DURATION.labels(endpoint=_endpoint)
+
+
+def start_model_series(model: str) -> None:
+    """Create the model-labelled series at 0 once the model's name is known (after the engine loaded)."""
+    IMAGES_GENERATED.labels(model=model)
+    KV_PER_IMAGE.labels(model=model)
+    KV_VANILLA_PER_IMAGE.labels(model=model)
 
 
 def set_build_info(version: str, model: str, policy: str, dtype: str, device: str) -> None:

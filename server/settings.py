@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from amskv.kvcache.policy import DEFAULT_POLICY
+
 GIB = 2**30
 # Hard ceiling on images in one engine call, whatever the memory would allow (serving-notes §7.1).
 MAX_BATCH_CEILING = 256
@@ -23,7 +25,7 @@ class Settings(BaseSettings):
     # Model.
     var_checkpoint: str | None = Field(None, description="VAR checkpoint path; None = bundled default model")
     vae_checkpoint: str | None = Field(None, description="VQVAE checkpoint path; None = bundled default")
-    policy: str = Field("amskv-static", min_length=1,
+    policy: str = Field(DEFAULT_POLICY, min_length=1,
                         description="KV-cache policy name (amskv-static: batch-invariant, memory known up front)")
     policy_args: dict[str, Any] = Field(default_factory=dict, description="policy keyword arguments (env: JSON)")
     dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="None = fp32 on cpu, bf16 on cuda")

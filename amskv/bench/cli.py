@@ -1,11 +1,15 @@
-"""`amskv bench SUITE`: run one benchmark suite and write SUITE.json, SUITE.md and PNG plots."""
+"""`amskv bench SUITE`: run one benchmark suite and write SUITE.json, SUITE.md and PNG plots.
+
+They go to out/bench/ (git-ignored) unless --out-dir says otherwise; only --update-docs replaces the
+committed results in docs/benchmarks/.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-from amskv.bench.common import DEFAULT_OUT_DIR, pin_threads, write_report
+from amskv.bench.common import DEFAULT_OUT_DIR, DOCS_OUT_DIR, pin_threads, write_report
 
 HELP = "run a benchmark suite (memory, attention, throughput, server, quality, gpu); writes JSON, Markdown, PNG"
 
@@ -23,10 +27,13 @@ SUITES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", choices=sorted(SUITES), help="which benchmark to run")
     parser.add_argument("--json", metavar="OUT", help="JSON path (default: OUT_DIR/SUITE.json)")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help="where SUITE.md and the PNGs go")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help="where SUITE.json, SUITE.md and the PNGs go")
+    where.add_argument("--update-docs", action="store_true",
+                       help=f"write to {DOCS_OUT_DIR}/, replacing the committed results (run from the repository root)")
     parser.add_argument("--tiny", action="store_true", help="smallest sizes, for tests and smoke runs")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (suite default when omitted)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared cores)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: shared cores)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-measure", action="store_true", help="memory: arithmetic only, no CPU generation")
     parser.add_argument("--device", default="auto", help="gpu suite: cuda, cpu or auto")
@@ -51,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     pin_threads(args.threads)
     module = importlib.import_module(SUITES[args.suite])
     report = module.run_suite(**suite_options(args))
-    written = write_report(report, args.out_dir, args.json, plots=not args.no_plots)
+    out_dir = DOCS_OUT_DIR if args.update_docs else args.out_dir
+    written = write_report(report, out_dir, args.json, plots=not args.no_plots)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     if report.notes:

@@ -21,7 +21,9 @@ from amskv.config import VAR_PRESETS, VARConfig, VQVAEConfig
 
 GIB = 2**30
 MIB = 2**20
-DEFAULT_OUT_DIR = Path("docs/benchmarks")
+# A run writes to a scratch folder (git-ignored) unless told to replace the committed results.
+DEFAULT_OUT_DIR = Path("out/bench")
+DOCS_OUT_DIR = Path("docs/benchmarks")
 
 PlotFn = Callable[["object"], None]  # draws on a matplotlib Axes
 

@@ -15,15 +15,16 @@ HELP = "attention density, inter-scale key similarity and kept scales (JSON + PN
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=32, help="images to analyse (default 32)")
+    parser.add_argument("--n", type=int, default=32, help="images to analyse")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i; labels are drawn from seed")
-    parser.add_argument("--batch", type=int, default=8, help="images per forward pass (default 8)")
-    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     parser.add_argument("--out", required=True, help="output directory for analysis.json and the heatmaps")
     parser.add_argument("--calibrate", metavar="PROFILE.json", help="write the amskv-static calibration profile")
     thr = parser.add_mutually_exclusive_group()
     thr.add_argument("--theta", type=float, help="similarity threshold (default: the AMS-KV policy's theta)")
     thr.add_argument("--target-fraction", type=float, help="choose theta so this fraction of layers is demanding")
+    # The online AMS-KV policy: its key-similarity test is what --calibrate turns into a static profile.
     add_model_arguments(parser, default_policy="amskv")
 
 

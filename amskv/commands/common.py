@@ -3,16 +3,27 @@ from __future__ import annotations
 
 import argparse
 
-from amskv.kvcache.policy import POLICY_NAMES
+from amskv.kvcache.policy import DEFAULT_POLICY, POLICY_NAMES
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_policy: str = "amskv") -> None:
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every default; an unset default (None) or an off switch is left to the help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == [] or not action.help:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_policy: str = DEFAULT_POLICY) -> None:
     parser.add_argument("--var", metavar="CKPT", help="VAR checkpoint (.pth/.safetensors); default: bundled demo")
     parser.add_argument("--vae", metavar="CKPT", help="VQVAE checkpoint; default: bundled demo")
-    parser.add_argument("--policy", default=default_policy, choices=POLICY_NAMES, help="KV cache policy")
+    parser.add_argument("--policy", default=default_policy, choices=POLICY_NAMES,
+                        help="KV cache policy (amskv-static without a profile treats every layer as demanding; "
+                             "the bundled demo model has its own profile)")
     parser.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="policy parameter, repeatable (e.g. c_min=100, preset=aggressive, profile=FILE)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="transformer dtype")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
 

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from amskv.kvcache.policy import POLICY_NAMES
+from amskv.kvcache.policy import DEFAULT_POLICY, POLICY_NAMES
 
 HELP = "KV-cache memory of a policy: bytes per image, reduction vs vanilla/full, max batch for a budget"
 GIB = 1024**3
@@ -18,12 +18,14 @@ GIB = 1024**3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="d30",
-                        help="preset (d16, d20, d24, d30, d36, demo) or a VAR checkpoint path (default d30)")
-    parser.add_argument("--policy", default="amskv", choices=POLICY_NAMES, help="KV cache policy (default amskv)")
+                        help="preset (d16, d20, d24, d30, d36, demo) or a VAR checkpoint path")
+    parser.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICY_NAMES,
+                        help="KV cache policy (amskv-static without a profile treats every layer as demanding; "
+                             "--model demo uses the bundled demo profile)")
     parser.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="policy parameter, repeatable (e.g. preset=aggressive, c_min=100, profile=FILE)")
-    parser.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
-    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="KV dtype (default bf16)")
+    parser.add_argument("--batch", type=int, default=64, help="images per batch")
+    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="KV dtype")
     parser.add_argument("--budget-gib", type=float, default=None, help="KV memory budget in GiB: report max batch")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -119,6 +121,7 @@ def format_table(r: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from amskv.commands.common import parse_policy_args
+    from amskv.engine import with_demo_profile
     from amskv.model.loading import CheckpointError
 
     if args.batch < 1 or (args.budget_gib is not None and args.budget_gib <= 0):
@@ -126,8 +129,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         name, cfg = resolve_model(args.model)
-        report = memory_report(cfg, name, args.policy, parse_policy_args(args.policy_arg), args.batch,
-                               args.dtype, args.budget_gib)
+        policy_args = parse_policy_args(args.policy_arg)
+        if args.model == "demo":  # as `amskv serve` runs it: amskv-static with the demo's own calibration
+            policy_args = with_demo_profile(args.policy, policy_args)
+        report = memory_report(cfg, name, args.policy, policy_args, args.batch, args.dtype, args.budget_gib)
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", metavar="OUT.json",
                         help="instead of one policy, run the comparison of docs/demo-model.md at cfg 3 and 1")
     parser.add_argument("--profile", help="calibration profile for the sweep's amskv-static row")
-    add_model_arguments(parser, default_policy="amskv")
+    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

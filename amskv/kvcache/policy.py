@@ -177,6 +177,9 @@ AMSKV_PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 POLICY_NAMES = ("vanilla", "full", "window", "sink", "amskv", "amskv-static")
+# The policy the CLI commands and the server use unless told otherwise: batch-invariant (an image does not
+# depend on its batch mates) and its memory is known before a batch starts.
+DEFAULT_POLICY = "amskv-static"
 
 
 def layout_key(patch_nums: tuple[int, ...]) -> str:

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,9 +19,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from server.classes import ClassCatalog
+from amskv.naming import image_file_name
+from server.classes import ClassCatalog, resolve_labels
 from server.errors import InvalidRequest
+from server.metrics import GENERATE_ENDPOINTS
 
 REPO = Path(__file__).resolve().parents[2]
 READY_WAIT_S = 180
@@ -85,6 +89,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("api"), SERVER_ENV)
+    srv.metrics_at_start = httpx.get(f"{srv.base}/metrics", timeout=10).text  # before any request
     yield srv
     srv.stop()
 
@@ -116,6 +121,30 @@ def test_health_model_card_classes_and_docs(server):
     assert httpx.post(f"{server.base}/_test/faults", json={"kill_worker": True}).status_code == 404
 
 
+def test_docs_page_loads_its_assets_from_the_server_itself(server):
+    page = httpx.get(f"{server.base}/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert len(urls) >= 4, urls  # stylesheet, icon, script, the OpenAPI document
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), f"/docs loads {url} from another host"
+        assert httpx.get(f"{server.base}{url}").status_code == 200, url
+    assert re.search(r"https?://", page.text) is None  # nothing is fetched from elsewhere (no CDN, no validator)
+    assert httpx.get(f"{server.base}/redoc").status_code == 404  # its page would load a CDN script
+
+
+def test_fresh_server_exports_the_model_and_endpoint_series_at_zero(server):
+    model = httpx.get(f"{server.base}/v1/models").json()["data"][0]["id"]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(server.metrics_at_start) for s in family.samples}
+    # the model's name is known once the engine loaded, before the first request
+    assert samples[("amskv_images_generated_total", (("model", model),))] == 0
+    assert samples[("amskv_kv_cache_bytes_per_image", (("model", model),))] > 0
+    assert samples[("amskv_kv_cache_vanilla_bytes_per_image", (("model", model),))] > 0
+    for endpoint in GENERATE_ENDPOINTS:
+        assert samples[("amskv_request_duration_seconds_count", (("endpoint", endpoint),))] == 0
+
+
 def test_images_decode_at_the_model_resolution_in_every_format(server):
     card = httpx.get(f"{server.base}/v1/models").json()["data"][0]
     side, mode = card["resolution"], "L" if card["channels"] == 1 else "RGB"
@@ -139,7 +168,7 @@ def test_images_decode_at_the_model_resolution_in_every_format(server):
                                                                "response_format": "zip"}).content))
     manifest = json.loads(archive.read("manifest.json"))
     files = [item["file"] for item in manifest["data"]]
-    assert files == ["000_2_9.png", "001_2_10.png"]
+    assert files == ["000_c2_s9.png", "001_c2_s10.png"] == [image_file_name(i, 2, 9 + i) for i in range(2)]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(archive.read(files[0])))),
                           decode(body["data"][2]["b64_json"]))
 
@@ -196,10 +225,17 @@ def test_nan_empty_body_wrong_type_and_oversized_body(server):
     assert nan.status_code == 422 and nan.json()["error"]["param"] == "cfg_scale"
     empty = httpx.post(url)
     assert empty.status_code == 422 and empty.json()["error"]["param"] == "body"
+    rejected = 'amskv_requests_rejected_total{reason="%s"}'
+    before = {reason: server.metric(rejected % reason) for reason in ("unsupported_media_type", "body_too_large")}
     wrong = httpx.post(url, content=b"class_labels=1", headers={"content-type": "text/plain"})
     assert wrong.status_code == 415 and wrong.json()["error"]["code"] == "unsupported_media_type"
     huge = httpx.post(url, json={"class_labels": [1] * 40000})
     assert huge.status_code == 413 and "65536" in huge.json()["error"]["message"]
+    chunked = httpx.post(url, content=iter([b'{"class_labels": [', b"1, " * 30000, b"1]}"]),
+                         headers={"content-type": "application/json"})  # no Content-Length: counted while read
+    assert chunked.status_code == 413
+    assert server.metric(rejected % "unsupported_media_type") == before["unsupported_media_type"] + 1
+    assert server.metric(rejected % "body_too_large") == before["body_too_large"] + 2
 
 
 def test_overload_gets_503_with_retry_after_and_accepted_requests_succeed(server):
@@ -229,14 +265,13 @@ def test_sigterm_finishes_queued_work_and_exits_cleanly(tmp_path):
         srv.stop()
 
 
-def test_imagenet_catalog_resolves_indices_wordnet_ids_and_names():
+def test_bad_class_label_is_a_422_naming_its_position():
     catalog = ClassCatalog.imagenet()
-    assert len(catalog) == 1000
-    assert catalog.resolve_all([207, "n01440764", "Golden Retriever", "980"]) == [207, 0, 207, 980]
-    assert catalog.entries[0].names[0] == "tench"
+    assert resolve_labels(catalog, [207, "n01440764", "Golden Retriever", "980"]) == [207, 0, 207, 980]
     with pytest.raises(InvalidRequest) as ambiguous:  # "crane" is a bird (134) and a machine (517)
-        catalog.resolve_all([1, "crane"])
+        resolve_labels(catalog, [1, "crane"])
     assert ambiguous.value.param == "class_labels[1]" and "n02012849" in ambiguous.value.message
     with pytest.raises(InvalidRequest) as unknown:
-        catalog.resolve_all(["n99999999"])
-    assert unknown.value.param == "class_labels[0]"
+        resolve_labels(catalog, ["n99999999"])
+    assert unknown.value.param == "class_labels[0]" and unknown.value.code == "unknown_class_label"
+    assert "/v1/classes" in unknown.value.message

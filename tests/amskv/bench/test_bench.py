@@ -129,6 +129,19 @@ def test_gpu_script_is_valid_bash():
     assert "bench gpu" in script.read_text()
 
 
+def test_results_go_to_a_scratch_folder_unless_docs_are_asked_for(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a checkout's root: docs/benchmarks/ must stay as committed
+    assert main(["bench", "memory", "--tiny", "--no-measure", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "out" / "bench" / "memory.json").is_file() and "out/bench/memory.json" in printed
+    assert not (tmp_path / "docs").exists()
+    assert main(["bench", "memory", "--tiny", "--no-measure", "--no-plots", "--update-docs"]) == 0
+    assert (tmp_path / "docs" / "benchmarks" / "memory.md").is_file()
+    with pytest.raises(SystemExit):
+        main(["bench", "memory", "--update-docs", "--out-dir", str(tmp_path)])
+    assert "/out/" in (REPO / ".gitignore").read_text().split()
+
+
 def test_bench_is_registered():
     out = subprocess.run([sys.executable, "-m", "amskv.cli", "bench", "--help"], capture_output=True, text=True,
                          cwd=REPO)

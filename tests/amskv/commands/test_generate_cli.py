@@ -5,6 +5,8 @@ import numpy as np
 from PIL import Image
 
 from amskv.cli import main
+from amskv.kvcache.policy import DEFAULT_POLICY
+from amskv.naming import image_file_name
 
 
 def run(args, capsys):
@@ -43,4 +45,15 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
 
 def test_label_out_of_range_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--classes", "10", "--out", str(tmp_path)]) == 2
-    assert "class labels must be in 0..9" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--classes" in err and "allowed: 0..9" in err and len(err.strip().splitlines()) == 1
+
+
+def test_class_names_as_the_api_takes_them(tmp_path, capsys):
+    out = run(["--classes", "seven", "3", "--top-k", "0", "--top-p", "0", "--out", str(tmp_path)], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [image_file_name(0, 7, 0), image_file_name(1, 3, 1)]
+    assert out["policy"].startswith(f"{DEFAULT_POLICY}(")
+    assert main(["generate", "--classes", "3", "sevn", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--classes (label 2)" in err and "'sevn'" in err and "seven" in err
+    assert not (tmp_path / "bad").exists()

@@ -47,8 +47,21 @@ def test_presets_and_policy_args(capsys):
     aggressive = memory_json(capsys, "--model", "d36", "--policy-arg", "preset=aggressive")
     assert aggressive["bytes_per_image"] < default["bytes_per_image"]
     assert default["vanilla_bytes_per_image"] == 4 * 36 * 2240 * 2304 * 2
-    tight = memory_json(capsys, "--model", "demo", "--policy-arg", "c_min=5", "--policy-arg", "c_max=5")
+    tight = memory_json(capsys, "--model", "demo", "--policy", "amskv", "--policy-arg", "c_min=5",
+                        "--policy-arg", "c_max=5")
     assert tight["policy"].startswith("amskv(c_cds=2, c_min=5, c_max=5")
+
+
+def test_default_policy_is_the_servers(capsys):
+    d30 = memory_json(capsys, "--model", "d30")
+    online = memory_json(capsys, "--model", "d30", "--policy", "amskv")
+    # no profile for d30: every layer may expand, which is what online AMS-KV allocates
+    assert d30["policy"] == "amskv-static(c_cds=2, c_min=100, c_max=155, demanding_layers=all)"
+    assert d30["bytes_per_image"] == online["bytes_per_image"]
+    # the demo preset is costed as `amskv serve` runs it: with the bundled calibration profile
+    demo = memory_json(capsys, "--model", "demo")
+    assert demo["policy"].startswith("amskv-static(") and "demanding_layers=all" not in demo["policy"]
+    assert demo["bytes_per_image"] < memory_json(capsys, "--model", "demo", "--policy", "amskv")["bytes_per_image"]
 
 
 def test_checkpoint_path_reads_shapes(capsys, golden_dir):
