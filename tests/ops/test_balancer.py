@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_compose_balancer_config_validates_and_is_the_generators_output():
     result = check_config(COMPOSE_CONFIG)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Configuration file is valid" in result.stdout + result.stderr
-    generated = subprocess.run(["python3", str(REPO / "scripts/haproxy_config.py"), "--compose"],
+    generated = subprocess.run([sys.executable, str(REPO / "scripts/haproxy_config.py"), "--compose"],
                                capture_output=True, text=True, timeout=60, check=True).stdout
     assert COMPOSE_CONFIG.read_text() == generated, "regenerate: python scripts/haproxy_config.py --compose"
     for line in ("balance leastconn", "option httpchk GET /readyz", "retry-on conn-failure empty-response 503",
