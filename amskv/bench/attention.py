@@ -136,7 +136,7 @@ def run_suite(tiny: bool = False, rounds: int | None = None, dtype_name: str = "
              "The paper's -60.48 % is measured with FlashAttention-2 on an A100.",
              "q x k = sum over layers and scales of queries x keys: the attention FLOPs ratio.",
              "On CPU, attention is only about 16 % (fp32) to 23 % (bf16) of a VAR-d16 layer's time at the last "
-             "scale (demo-model-notes 2b): the dense qkv/proj/FFN dominate, so the end-to-end gain is small. "
+             "scale (SDPA timed against the key count): the dense qkv/proj/FFN dominate, so the end-to-end gain is small. "
              "Memory and the batch it admits carry the claim on this machine.",
              "Online amskv is timed on its worst-case plan (every layer expands once); the realised keys can only be fewer."]
     plots = [Plot("time_ratio", lambda ax: _plot_ratio(ax, rows), "Attention time / vanilla (bars) and q x k ratio (dots)")]

@@ -176,7 +176,7 @@ def run_suite(tiny: bool = False, measure: bool = True) -> Report:
         "Online amskv allocates its worst case (every layer expands at its first overflow); the realised "
         "storage lies between 'no expansion' and that. amskv-static without a calibration profile is that worst case.",
         "Max batch = (budget - weights - decoder chunk) / (KV allocated + activation peak per image). Weights: "
-        "var-reference.md 1.2 parameter counts x 2 bytes + VQVAE 109M x 4 bytes (fp32). Activation peak per image "
+        "released-checkpoint parameter counts x 2 bytes + VQVAE 109M x 4 bytes (fp32). Activation peak per image "
         "at the last scale = max of two phases that never overlap: head (fp32 logits 2 x T x V x 4 B x 3 copies + "
         "fp32 hidden x 2) and blocks (FFN hidden 2 x T x 4C x 2 B x 2 + q/k/v and four C-wide tensors); no "
         "attention score matrix (flash-style kernel). Decoder: one chunk of 8 images. No fragmentation margin.",
