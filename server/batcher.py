@@ -18,6 +18,8 @@ from server import metrics
 from server.errors import ApiError, GenerationTimeout, Unavailable
 from server.jobs import BatchPlan, BatchSlice, Job, JobStatus
 
+HOLD_POLL_S = 0.02  # how often a held queue re-asks its hold (a hold can end by time or by being reset)
+
 
 class ClientGone(Exception):
     """Set on the future of a job whose client disconnected or gave up; nobody reads it."""
@@ -94,11 +96,14 @@ class Batcher:
         return self._queued_images
 
     # --- inference-thread side ------------------------------------------------------------------
-    def take_batch(self, max_images: int, timeout_s: float) -> BatchPlan | None:
+    def take_batch(self, max_images: int, timeout_s: float,
+                   hold: Callable[[int], bool] | None = None) -> BatchPlan | None:
         """Block until a batch should run, then return it; None after `timeout_s` or once closed.
 
         A batch runs when the queue holds `max_images` images, when the oldest waiting job has
-        waited `max_queue_delay_s`, or at once while draining.
+        waited `max_queue_delay_s`, or at once while draining. `hold` (test-only fault injection)
+        is asked with the queued image count; while it answers True no batch forms, not even while
+        draining, and deadlines still expire.
         """
         if max_images < 1:
             raise ValueError("max_images must be at least 1")
@@ -109,7 +114,9 @@ class Batcher:
                 self._expire(now)
                 if self._closed is not None:
                     return None
-                if self._queue:
+                if self._queue and hold is not None and hold(self._queued_images):
+                    wake = min(now + HOLD_POLL_S, give_up)  # submit() wakes us sooner
+                elif self._queue:
                     oldest = min(j.arrival for j in self._queue)
                     if (self._queued_images >= max_images or self._draining
                             or now - oldest >= self.max_queue_delay_s):

@@ -50,14 +50,25 @@ class WorkerKilled(Exception):
 
 
 class FaultPlan:
-    """Test-only faults, set through POST /_test/faults when AMSKV_FAULT_INJECTION=1."""
+    """Test-only faults, set through POST /_test/faults when AMSKV_FAULT_INJECTION=1.
+
+    Two of them let a test order events instead of racing a clock: ``hold_until_queued_images`` keeps
+    the worker from taking a batch until that many images are queued (so requests sent one by one still
+    share a batch), and ``batch_delay_ms`` is re-read while it sleeps, so a test can keep a batch
+    running with a long delay and end it by setting the delay back to 0. Both are bounded in time, and
+    stopping the worker ends them, so a forgotten fault cannot hang the server.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._hold_deadline = 0.0
         self.fail_batches = 0  # the next N engine calls raise InjectedFault
         self.oom_calls = 0  # the next N engine calls with more than oom_above_images images raise OOM
         self.oom_above_images = 1
-        self.batch_delay_ms = 0  # sleep before every engine call (a slow device)
+        self.batch_delay_ms = 0  # sleep before every engine call (a slow device); 0 ends a sleep early
+        self.hold_until_queued_images = 0  # take no batch until N images are queued; then it resets to 0
+        self.hold_timeout_ms = 30_000  # a hold set now ends after this long even if N never queue
         self.kill_worker = False
 
     def update(self, **changes: Any) -> dict[str, Any]:
@@ -65,14 +76,38 @@ class FaultPlan:
             for name, value in changes.items():
                 if value is not None:
                     setattr(self, name, value)
+            if changes.get("hold_until_queued_images"):
+                self._hold_deadline = time.monotonic() + self.hold_timeout_ms / 1000
             return self.snapshot()
 
     def snapshot(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
+    def holds(self, queued_images: int) -> bool:
+        """True while the batcher must not form a batch; a hold ends (once) at its count or deadline."""
+        with self._lock:
+            wanted = self.hold_until_queued_images
+            if not wanted:
+                return False
+            if queued_images < wanted and time.monotonic() < self._hold_deadline and not self._stopped.is_set():
+                return True
+            if queued_images < wanted:
+                logger.warning("fault hold released after %d ms with %d of %d images queued",
+                               self.hold_timeout_ms, queued_images, wanted)
+            self.hold_until_queued_images = 0
+            return False
+
+    def stop(self) -> None:
+        """End any injected delay or hold now (the worker is stopping)."""
+        self._stopped.set()
+
     def before_call(self, images: int) -> None:
-        if self.batch_delay_ms:
-            time.sleep(self.batch_delay_ms / 1000)
+        began = time.monotonic()
+        while not self._stopped.is_set():  # re-read each step: setting the delay to 0 ends it
+            left = self.batch_delay_ms / 1000 - (time.monotonic() - began)
+            if left <= 0:
+                break
+            self._stopped.wait(min(left, 0.02))
         with self._lock:
             if self.fail_batches > 0:
                 self.fail_batches -= 1
@@ -117,6 +152,8 @@ class InferenceWorker:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        if self.faults is not None:
+            self.faults.stop()
         self._thread.join(timeout_s)
 
     @property
@@ -141,7 +178,8 @@ class InferenceWorker:
             while not self._stop.is_set():
                 if self.faults is not None and self.faults.kill_worker:
                     raise WorkerKilled("inference thread killed by fault injection")
-                plan = self.batcher.take_batch(self.admissible_batch(), timeout_s=IDLE_POLL_S)
+                hold = self.faults.holds if self.faults is not None else None
+                plan = self.batcher.take_batch(self.admissible_batch(), timeout_s=IDLE_POLL_S, hold=hold)
                 if plan is not None:
                     self._execute(plan)
         except BaseException:

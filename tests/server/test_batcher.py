@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +17,7 @@ from server.settings import Settings
 from server.worker import FaultPlan, InferenceWorker
 
 KV_PER_IMAGE = 1000
+WAIT_S = 10  # every wait in this module is bounded: a deadlock fails the test instead of hanging it
 
 
 class FakeClock:
@@ -40,6 +41,22 @@ def make_batcher(clock=None, *, max_queue_images: int = 64, delay_s: float = 0.0
 
 def counter(metric, **labels) -> float:
     return (metric.labels(**labels) if labels else metric)._value.get()
+
+
+def answer(job: Job, timeout_s: float = WAIT_S):
+    """The job's result (or its exception), failing the test if nothing answers it within timeout_s."""
+    try:
+        return job.future.result(timeout=timeout_s)
+    except FutureTimeout:
+        pytest.fail(f"job {job.id} ({job.status.name}) got no answer within {timeout_s} s: batcher or worker stuck")
+
+
+def wait_until(condition, what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.005)
 
 
 # --- admission ------------------------------------------------------------------------------------
@@ -111,10 +128,10 @@ def test_large_job_is_split_and_its_remainder_is_not_overtaken():
     assert [(s.job, s.start, s.count) for s in second.slices] == [(big, 3, 2), (small, 0, 1)]
     assert second.labels() == [3, 4, 50] and second.seeds() == [1003, 1004, 1000]
     batcher.complete(second, ["a", "b", "c"], seconds=0.2)
-    result = big.future.result(timeout=1)
+    result = answer(big)
     assert result.images == ["img", "img", "img", "a", "b"]
     assert result.batches == 2 and result.batch_images == 3
-    assert small.future.result(timeout=1).images == ["c"]
+    assert answer(small).images == ["c"]
     assert batcher.is_idle()
 
 
@@ -128,7 +145,7 @@ def test_expired_job_fails_with_queue_timeout_and_is_never_started():
     clock.now += 2.0
     assert batcher.take_batch(4, timeout_s=0) is None
     with pytest.raises(Unavailable) as err:
-        doomed.future.result(timeout=1)
+        answer(doomed)
     assert err.value.code == "queue_timeout"
     assert doomed.status == JobStatus.EXPIRED and batcher.queued_images == 0
 
@@ -143,7 +160,7 @@ def test_split_job_whose_deadline_passes_between_batches_times_out():
     batcher.complete(plan, ["x", "y"], seconds=2.0)
     assert batcher.take_batch(2, timeout_s=0) is None
     with pytest.raises(GenerationTimeout):
-        job.future.result(timeout=1)
+        answer(job)
 
 
 def test_cancel_removes_a_queued_job_and_discards_a_running_one():
@@ -155,7 +172,7 @@ def test_cancel_removes_a_queued_job_and_discards_a_running_one():
     assert batcher.queued_images == 0 and queued.status == JobStatus.CANCELLED
     assert counter(metrics.CANCELLED, stage="queued") == cancelled_before + 1
     with pytest.raises(ClientGone):
-        queued.future.result(timeout=1)
+        answer(queued)
 
     running = make_job(2, first_label=5)
     batcher.submit(running)
@@ -172,9 +189,9 @@ def test_one_failed_image_fails_only_its_own_job():
     batcher.submit(bad)
     plan = batcher.take_batch(8, timeout_s=0)
     batcher.complete(plan, ["fine", OutOfMemory("oom")], seconds=0.1)
-    assert ok.future.result(timeout=1).images == ["fine"]
+    assert answer(ok).images == ["fine"]
     with pytest.raises(OutOfMemory):
-        bad.future.result(timeout=1)
+        answer(bad)
 
 
 def test_close_fails_queued_and_running_jobs_and_refuses_new_ones():
@@ -186,7 +203,7 @@ def test_close_fails_queued_and_running_jobs_and_refuses_new_ones():
     batcher.close(Unavailable("gone", code="worker_dead"))
     for job in (running, queued):
         with pytest.raises(Unavailable):
-            job.future.result(timeout=1)
+            answer(job)
     with pytest.raises(Unavailable) as refused:
         batcher.submit(make_job(1))
     assert refused.value.code == "worker_dead"
@@ -236,7 +253,7 @@ def start_worker(engine: FakeEngine, *, budget_images: int = 8, faults: FaultPla
     batcher = Batcher(max_queue_images=256, max_queue_delay_s=delay_s)
     worker = InferenceWorker(settings, batcher, lambda: engine, dtype="fp32", faults=faults)
     worker.start()
-    worker.wait_started(10)
+    worker.wait_started(WAIT_S)
     return batcher, worker
 
 
@@ -252,7 +269,7 @@ def test_worker_caps_batches_by_the_kv_budget_and_returns_each_image():
     try:
         assert worker.max_images == 4 and worker.ready
         job = submit_now(batcher, 10)
-        result = job.future.result(timeout=10)
+        result = answer(job)
         assert [int(img[0, 0, 0]) for img in result.images] == [(i + 1000 + i) % 256 for i in range(10)]
         assert max(engine.calls[1:]) <= 4  # calls[0] is the warm-up
         assert result.batches == 3
@@ -261,16 +278,18 @@ def test_worker_caps_batches_by_the_kv_budget_and_returns_each_image():
 
 
 def test_oom_splits_the_batch_lowers_the_cap_and_every_request_still_succeeds():
-    engine = FakeEngine(oom_above=2)
-    batcher, worker = start_worker(engine, budget_images=8, delay_s=0.05)
+    engine, faults = FakeEngine(oom_above=2), FaultPlan()
+    faults.update(hold_until_queued_images=8)  # all four jobs queue before the worker takes a batch
+    batcher, worker = start_worker(engine, budget_images=8, faults=faults)
     ooms = counter(metrics.OOM)
     try:
         jobs = [submit_now(batcher, 2, first_label=10 * k) for k in range(4)]
-        wait([j.future for j in jobs], timeout=10)
         for k, job in enumerate(jobs):
-            values = [int(img[0, 0, 0]) for img in job.future.result().images]
+            values = [int(img[0, 0, 0]) for img in answer(job).images]
             assert values == [(10 * k + i + 1000 + i) % 256 for i in range(2)]
-        assert counter(metrics.OOM) > ooms
+        # one batch of 8 (calls[0] is the warm-up): 8 -> OOM, 4 -> OOM, 2 + 2, then 4 -> OOM, 2 + 2
+        assert engine.calls[1:] == [8, 4, 2, 2, 4, 2, 2]
+        assert counter(metrics.OOM) == ooms + 3
         assert worker.max_images <= 2
     finally:
         worker.stop()
@@ -282,9 +301,9 @@ def test_oom_of_a_single_image_fails_only_that_request():
     try:
         faults.update(oom_calls=1, oom_above_images=0)
         with pytest.raises(OutOfMemory):
-            submit_now(batcher, 1).future.result(timeout=10)
+            answer(submit_now(batcher, 1))
         assert worker.ready  # an OOM is not fatal
-        assert len(submit_now(batcher, 1).future.result(timeout=10).images) == 1
+        assert len(answer(submit_now(batcher, 1)).images) == 1
     finally:
         worker.stop()
 
@@ -295,26 +314,28 @@ def test_injected_batch_error_fails_that_batch_only_and_later_batches_succeed():
     try:
         faults.update(fail_batches=1)
         with pytest.raises(JobFailed):
-            submit_now(batcher, 2).future.result(timeout=10)
-        assert len(submit_now(batcher, 2).future.result(timeout=10).images) == 2
+            answer(submit_now(batcher, 2))
+        assert len(answer(submit_now(batcher, 2)).images) == 2
     finally:
         worker.stop()
 
 
 def test_killed_worker_fails_queued_work_fast_and_refuses_new_work():
     faults = FaultPlan()
-    faults.batch_delay_ms = 200
+    faults.update(batch_delay_ms=60_000)  # the first batch runs until the test ends the delay
     batcher, worker = start_worker(FakeEngine(), faults=faults)
     try:
         running = submit_now(batcher, 1)
-        while running.status == JobStatus.QUEUED:  # let the worker take it alone
-            time.sleep(0.005)
+        wait_until(lambda: running.status == JobStatus.RUNNING, "the worker to take the first job alone")
         faults.update(kill_worker=True)
-        with pytest.raises(Unavailable):  # the batch in flight finishes, then the thread dies
-            queued = submit_now(batcher, 1)
-            queued.future.result(timeout=10)
-        assert running.future.done()
-        worker._thread.join(5)
+        queued = submit_now(batcher, 1)  # queued behind the running batch
+        assert queued.status == JobStatus.QUEUED
+        faults.update(batch_delay_ms=0)  # the batch in flight finishes, then the thread dies
+        with pytest.raises(Unavailable):
+            answer(queued)
+        assert len(answer(running).images) == 1
+        worker._thread.join(WAIT_S)
+        assert not worker._thread.is_alive(), "the killed inference thread did not end"
         assert worker.died and not worker.ready
         with pytest.raises(Unavailable) as refused:
             submit_now(batcher, 1)
@@ -323,12 +344,35 @@ def test_killed_worker_fails_queued_work_fast_and_refuses_new_work():
         worker.stop()
 
 
+def test_hold_keeps_the_queue_until_enough_images_are_queued_even_past_the_delay():
+    clock, faults = FakeClock(), FaultPlan()
+    batcher = make_batcher(clock, delay_s=0.010)
+    faults.update(hold_until_queued_images=3)
+    batcher.submit(make_job(2, arrival=clock.now))
+    clock.now += 1.0  # far past the queue delay
+    assert batcher.take_batch(8, timeout_s=0, hold=faults.holds) is None
+    batcher.submit(make_job(1, arrival=clock.now, first_label=5))
+    plan = batcher.take_batch(8, timeout_s=0, hold=faults.holds)
+    assert plan is not None and plan.num_images == 3
+    assert faults.hold_until_queued_images == 0  # a hold ends once it is met
+
+
+def test_hold_ends_at_its_timeout_and_when_the_plan_stops():
+    faults = FaultPlan()
+    faults.update(hold_timeout_ms=0, hold_until_queued_images=5)
+    assert not faults.holds(1) and faults.hold_until_queued_images == 0
+    faults.update(hold_timeout_ms=60_000, hold_until_queued_images=5)
+    assert faults.holds(1)
+    faults.stop()
+    assert not faults.holds(1)
+
+
 def test_budget_too_small_for_one_image_stops_start_up():
     settings = Settings(kv_budget_gib=1 / 2**30)  # 1 byte
     worker = InferenceWorker(settings, make_batcher(), lambda: FakeEngine(), dtype="fp32")
     worker.start()
     with pytest.raises(ValueError, match="holds no image"):
-        worker.wait_started(10)
+        worker.wait_started(WAIT_S)
 
 
 def test_take_batch_blocks_until_work_arrives():
@@ -337,5 +381,6 @@ def test_take_batch_blocks_until_work_arrives():
     taker = threading.Thread(target=lambda: got.append(batcher.take_batch(4, timeout_s=10)))
     taker.start()
     batcher.submit(make_job(1, arrival=time.monotonic()))
-    taker.join(10)
+    taker.join(WAIT_S)
+    assert not taker.is_alive(), f"take_batch still blocked {WAIT_S} s after work arrived"
     assert got and got[0] is not None and got[0].num_images == 1
