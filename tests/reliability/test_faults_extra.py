@@ -1,12 +1,17 @@
 """Faults that tests/server/test_faults.py does not cover: faults under concurrency, slot leaks
 (the /metrics queue gauges back at 0 and the whole queue usable again), SIGTERM under real load
 and a worker that dies with work queued. Faults come from the test-only POST /_test/faults.
+
+No test races a clock: requests that must share a batch are held until all are queued
+(hold_until_queued_images), and a batch that must still be running is given a long delay
+(RUNNING_UNTIL_RELEASED) that the test ends itself by setting batch_delay_ms back to 0.
 """
 from __future__ import annotations
 
 import json
 import re
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +24,7 @@ from tests.server.test_api import post
 
 FAULT_ENV = {**SMALL_LIMITS, "AMSKV_FAULT_INJECTION": "1"}
 QUEUE_IMAGES = int(SMALL_LIMITS["AMSKV_MAX_QUEUE_IMAGES"])
+RUNNING_UNTIL_RELEASED = {"batch_delay_ms": 120_000}  # far beyond any wait below; the test ends it
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,7 @@ def server(tmp_path_factory):
 
 
 def set_faults(srv, **faults) -> None:
-    response = httpx.post(f"{srv.base}/_test/faults", json=faults, timeout=10)
-    assert response.status_code == 200, response.text
+    srv.set_faults(**faults)
 
 
 def counter(srv, key: str) -> float:
@@ -45,16 +50,19 @@ def assert_whole_queue_usable(srv) -> None:
 
 
 def test_failed_batch_fails_its_split_request_and_frees_the_queued_remainder(server):
-    set_faults(server, batch_delay_ms=400, fail_batches=1)
+    set_faults(server, fail_batches=1, **RUNNING_UNTIL_RELEASED)
     try:
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             # 12 images at 4 per batch: the first slice fails, the 8 images still queued must be dropped.
             split = pool.submit(post, server.base, {"class_labels": [1], "n": 12, "seed": 1})
-            server.wait_for(lambda: counter(server, "amskv_batch_running_images") > 0, 30, "the first batch")
-            later = post(server.base, {"class_labels": [2], "seed": 2})  # queued behind; runs in a later batch
-            failed = split.result(timeout=60)
+            server.wait_for(lambda: counter(server, "amskv_batch_running_images") == 4, 30, "the first batch")
+            later = pool.submit(post, server.base, {"class_labels": [2], "seed": 2})
+            server.wait_for(lambda: counter(server, "amskv_queue_images") == 9, 30, "8 + 1 images queued behind it")
+            set_faults(server, batch_delay_ms=0)  # the first batch now fails; `later` runs in a later batch
+            failed, answered = split.result(timeout=60), later.result(timeout=60)
         assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed", failed.text
-        assert later.status_code == 200, later.text
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["usage"]["batch_images"] == 1  # the split's remainder did not run with it
     finally:
         set_faults(server, batch_delay_ms=0, fail_batches=0)
     assert_whole_queue_usable(server)
@@ -63,25 +71,26 @@ def test_failed_batch_fails_its_split_request_and_frees_the_queued_remainder(ser
 def test_only_the_requests_in_the_failed_batch_get_500(server):
     failures = counter(server, 'amskv_batch_failures_total{reason="error"}')
     before = metric_series(server)
-    set_faults(server, batch_delay_ms=300, fail_batches=1)
+    bodies = [{"class_labels": [k % 10], "seed": k} for k in range(10)]
+    set_faults(server, fail_batches=1, hold_until_queued_images=len(bodies))  # batches of 4, 4 and 2
     try:
-        bodies = [{"class_labels": [k % 10], "seed": k} for k in range(10)]
         with ThreadPoolExecutor(len(bodies)) as pool:
-            statuses = [r.status_code for r in pool.map(lambda body: post(server.base, body), bodies)]
+            responses = list(pool.map(lambda body: post(server.base, body), bodies))
     finally:
-        set_faults(server, batch_delay_ms=0, fail_batches=0)
-    failed = statuses.count(500)
-    assert 1 <= failed <= 4 and statuses.count(200) == len(bodies) - failed, statuses  # one batch holds <= 4
+        set_faults(server, fail_batches=0, hold_until_queued_images=0)
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(500) == 4 and statuses.count(200) == 6, statuses  # exactly the first batch failed
+    assert sorted(r.json()["usage"]["batch_images"] for r in responses if r.status_code == 200) == [2, 2, 4, 4, 4, 4]
     after = metric_series(server)
     assert after['amskv_batch_failures_total{reason="error"}'] == failures + 1
-    assert requests_with_status(after, 500) - requests_with_status(before, 500) == failed
+    assert requests_with_status(after, 500) - requests_with_status(before, 500) == 4
     assert_queue_empty(server)
 
 
 def test_many_clients_leaving_while_queued_are_cancelled_counted_and_leak_no_slot(server):
     before = metric_series(server)
     leavers = 8
-    set_faults(server, batch_delay_ms=1500)
+    set_faults(server, **RUNNING_UNTIL_RELEASED)
     try:
         with ThreadPoolExecutor(1 + leavers) as pool:
             busy = pool.submit(post, server.base, {"class_labels": [1], "n": 4})
@@ -97,6 +106,7 @@ def test_many_clients_leaving_while_queued_are_cancelled_counted_and_leak_no_slo
             assert list(pool.map(leave_early, range(leavers))) == ["left"] * leavers
             key = 'amskv_requests_cancelled_total{stage="queued"}'
             server.wait_for(lambda: counter(server, key) == before[key] + leavers, 30, "every cancellation")
+            set_faults(server, batch_delay_ms=0)
             assert busy.result(timeout=60).status_code == 200
     finally:
         set_faults(server, batch_delay_ms=0)
@@ -106,18 +116,27 @@ def test_many_clients_leaving_while_queued_are_cancelled_counted_and_leak_no_slo
     assert_whole_queue_usable(server)
 
 
+def send_and_keep_open(srv, body: dict) -> socket.socket:
+    """POST /v1/generate on a raw connection the test closes itself: the client leaves exactly when told."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    return sock
+
+
 def test_client_leaving_while_its_batch_runs_is_counted_and_the_batch_slot_freed(server):
     key = 'amskv_requests_cancelled_total{stage="running"}'
     cancelled = counter(server, key)
-    set_faults(server, batch_delay_ms=1500)
+    set_faults(server, **RUNNING_UNTIL_RELEASED)
     try:
-        with ThreadPoolExecutor(1) as pool:
-            leaving = pool.submit(httpx.post, f"{server.base}/v1/generate",
-                                  json={"class_labels": [1], "n": 2}, timeout=0.8)
+        leaving = send_and_keep_open(server, {"class_labels": [1], "n": 2})
+        try:
             server.wait_for(lambda: counter(server, "amskv_batch_running_images") == 2, 30, "its batch running")
-            with pytest.raises(httpx.ReadTimeout):
-                leaving.result(timeout=30)
+        finally:
+            leaving.close()  # the client leaves while its batch runs
         server.wait_for(lambda: counter(server, key) == cancelled + 1, 30, "the running cancellation")
+        set_faults(server, batch_delay_ms=0)
         server.wait_for(lambda: counter(server, "amskv_batch_running_images") == 0, 30, "the batch to end")
     finally:
         set_faults(server, batch_delay_ms=0)
@@ -127,14 +146,16 @@ def test_client_leaving_while_its_batch_runs_is_counted_and_the_batch_slot_freed
 def test_oom_in_a_shared_batch_is_split_and_every_request_succeeds(server):
     # Last in this module: an OOM lowers the batch cap until restart.
     ooms = counter(server, "amskv_oom_total")
-    set_faults(server, batch_delay_ms=300, oom_calls=1, oom_above_images=2)
+    bodies = [{"class_labels": [k], "seed": 40 + k} for k in range(4)]
+    # Held until all four are queued, so they share one batch of 4 images; that batch hits the OOM.
+    set_faults(server, oom_calls=1, oom_above_images=2, hold_until_queued_images=len(bodies))
     try:
-        bodies = [{"class_labels": [k], "seed": 40 + k} for k in range(4)]
         with ThreadPoolExecutor(len(bodies)) as pool:
             responses = list(pool.map(lambda body: post(server.base, body), bodies))
     finally:
-        set_faults(server, batch_delay_ms=0, oom_calls=0)
+        set_faults(server, oom_calls=0, hold_until_queued_images=0)
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    assert [r.json()["usage"]["batch_images"] for r in responses] == [4] * 4
     assert counter(server, "amskv_oom_total") == ooms + 1
     assert_queue_empty(server)
 
@@ -180,13 +201,14 @@ def test_sigterm_under_load_answers_every_request_and_exits_within_the_drain_tim
 def test_worker_dying_with_work_queued_fails_the_queue_fast(tmp_path):
     srv = start_server(tmp_path, FAULT_ENV)
     try:
-        set_faults(srv, batch_delay_ms=1500)
+        set_faults(srv, **RUNNING_UNTIL_RELEASED)
         with ThreadPoolExecutor(4) as pool:
             running = pool.submit(post, srv.base, {"class_labels": [1], "n": 4})
             srv.wait_for(lambda: counter(srv, "amskv_batch_running_images") == 4, 30, "a running batch")
             queued = [pool.submit(post, srv.base, {"class_labels": [k]}) for k in (2, 3, 4)]
             srv.wait_for(lambda: counter(srv, "amskv_queue_requests") == 3, 30, "three queued requests")
             set_faults(srv, kill_worker=True)  # the thread exits after the running batch
+            set_faults(srv, batch_delay_ms=0)
             assert running.result(timeout=60).status_code == 200
             refused = [f.result(timeout=60) for f in queued]
         for response in refused:
