@@ -129,3 +129,35 @@ def test_worst_case_allocation_fits_every_online_outcome(patch_nums, preset):
             assert kept_peak(plan) <= kept_peak(worst)
             assert plan.working_set[0] <= worst.working_set[0]
             assert plan.working_set[0] <= max(worst.capacities[0], worst.workspace_tokens)
+
+
+def allocator_bytes(run) -> list[int]:
+    """Bytes each operator took from the CPU allocator while ``run()`` executed (torch.profiler's memory
+    hooks on the allocator; one entry per allocating operator, net of what that operator itself freed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kept = run()
+    del kept
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+@pytest.mark.parametrize("name,args", [("vanilla", {}), ("full", {}), ("amskv", {}), ("amskv-static", {"demanding": "01"})])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_allocator_sees_exactly_the_predicted_kv_bytes(golden_engine, name, args, batch):
+    """The storage's counters are not the judge here: the CPU allocator's own memory events are."""
+    from amskv.generate import allocate_cache
+
+    engine = golden_engine.with_policy(name, args)
+    predicted = kv_memory(engine.config, engine.policy, batch, engine.dtype)
+    # The cache a generation builds (generate_tokens calls allocate_cache): every allocation is a KV buffer.
+    sizes = allocator_bytes(lambda: allocate_cache(engine.var, engine.policy, batch, engine.dtype, engine.device))
+    assert sum(sizes) == predicted.allocated_bytes
+    expected = [b // 2 for b in predicted.per_layer_bytes for _ in "kv"]  # one K and one V buffer per layer
+    if predicted.workspace_bytes:
+        expected += [predicted.workspace_bytes // 2] * 2
+    assert sorted(sizes) == sorted(expected)
+    # A real generation allocates those same buffers (among its activations).
+    during_run = allocator_bytes(lambda: engine.generate_tokens(list(range(batch)), list(range(batch)), SamplingParams()))
+    for size in set(expected):
+        assert during_run.count(size) >= expected.count(size), size
