@@ -95,6 +95,19 @@ class Batcher:
     def queued_images(self) -> int:
         return self._queued_images
 
+    def oldest_queued_age_s(self) -> float:
+        """Seconds the longest-waiting queued request has waited (0 with an empty queue); read at scrape."""
+        with self._cond:
+            if not self._queue:
+                return 0.0
+            return max(0.0, self._clock() - min(job.arrival for job in self._queue))
+
+    @property
+    def running_requests(self) -> int:
+        """Requests with images in the batch on the device now."""
+        with self._cond:
+            return len({id(s.job) for s in self._running.slices}) if self._running is not None else 0
+
     # --- inference-thread side ------------------------------------------------------------------
     def take_batch(self, max_images: int, timeout_s: float,
                    hold: Callable[[int], bool] | None = None) -> BatchPlan | None:

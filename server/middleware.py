@@ -39,7 +39,8 @@ class RequestMetrics:
             path = scope.get("path", "")
             if path in GENERATE_PATHS and scope.get("method") == "POST":
                 metrics.REQUESTS.labels(endpoint=path, status=str(status["code"])).inc()
-                metrics.REQUEST_DURATION.labels(endpoint=path).observe(time.perf_counter() - began)
+                if 200 <= status["code"] < 300:  # answered with images; fast rejections would hide the latency
+                    metrics.REQUEST_DURATION.labels(endpoint=path).observe(time.perf_counter() - began)
 
 
 class RequestGuard:

@@ -102,4 +102,5 @@ def test_bad_checkpoint_stops_start_up_with_a_clear_message(outcomes, case):
     assert status == want_status, output[-3000:]
     for word in words:
         assert word in output, f"{word!r} missing from:\n{output[-3000:]}"
-    assert "Uvicorn running" not in output  # it never started listening
+    # The port opens before loading (/livez answers during start-up); a failed load then ends the process.
+    assert "Application startup complete" not in output or "start-up failed" in output

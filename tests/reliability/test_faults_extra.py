@@ -199,7 +199,7 @@ def test_sigterm_under_load_answers_every_request_and_exits_within_the_drain_tim
 
 
 def test_worker_dying_with_work_queued_fails_the_queue_fast(tmp_path):
-    srv = start_server(tmp_path, FAULT_ENV)
+    srv = start_server(tmp_path, {**FAULT_ENV, "AMSKV_FATAL_EXIT_DELAY_S": "300"})  # inspect it before it exits
     try:
         set_faults(srv, **RUNNING_UNTIL_RELEASED)
         with ThreadPoolExecutor(4) as pool:

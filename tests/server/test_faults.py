@@ -128,7 +128,7 @@ def test_injected_oom_is_split_and_retried_with_identical_images(server):
 
 
 def test_dead_worker_turns_readiness_off_and_requests_fail_fast(tmp_path):
-    srv = Server(tmp_path, FAULT_ENV)
+    srv = Server(tmp_path, {**FAULT_ENV, "AMSKV_FATAL_EXIT_DELAY_S": "300"})  # inspect it before it exits
     try:
         set_faults(srv, kill_worker=True)
         srv.wait_for(lambda: httpx.get(f"{srv.base}/readyz").status_code == 503, 30, "/readyz 503")
@@ -137,7 +137,8 @@ def test_dead_worker_turns_readiness_off_and_requests_fail_fast(tmp_path):
         refused = post(srv.base, {"class_labels": [1]})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "worker_dead"
         assert time.monotonic() - began < 10  # answered, not left hanging until the request timeout
-        assert httpx.get(f"{srv.base}/livez").status_code == 200
+        liveness = httpx.get(f"{srv.base}/livez")
+        assert liveness.status_code == 503 and "inference worker died" in liveness.json()["detail"]
         assert srv.metric("amskv_ready") == 0
     finally:
         srv.stop()
