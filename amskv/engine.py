@@ -4,6 +4,7 @@ This is the library's entry point for the CLI and the server. It never reads the
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -13,13 +14,18 @@ from typing import Sequence
 import torch
 
 from amskv.config import VAR_PRESETS, VARConfig
-from amskv.generate import decode_images, generate_tokens
-from amskv.kvcache.policy import DEFAULT_POLICY, KVPolicy, make_policy
+from amskv.generate import decode_images, generate_tokens, plan_pool
+from amskv.kvcache.calibration import AUTO, OFF, CalibrationSettings, ProfileResolution, describe, resolve_profile
+from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_policy
+from amskv.kvcache.profile import CalibrationProfile, read_profile
+from amskv.kvcache.storage import KVPool
 from amskv.memory import DTYPES, KVMemory, kv_memory, max_batch
 from amskv.model.loading import CheckpointError, load_pair
 from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
 from amskv.sampling import RowParams, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 DEMO_VAR, DEMO_VAE, DEMO_PROFILE = "demo_var.pth", "demo_vae.pth", "demo_profile.json"
 # Images per VQVAE decoder call (padded to this size, see decode_images). A GPU gains from batching the
@@ -78,6 +84,7 @@ class GenerationResult:
     seconds_ar: float
     seconds_decode: float
     expansions: dict[int, int] = field(default_factory=dict)
+    unplanned_expansions: list[int] = field(default_factory=list)  # expansions beyond the profile's plan
 
 
 class Engine:
@@ -91,27 +98,90 @@ class Engine:
         self.resolution = vae.config.resolution
         self.channels = vae.config.in_channels
         self.decode_chunk = DECODE_CHUNK.get(device.type, 8)
+        self.profile_resolution = ProfileResolution(None, "none")
 
     @classmethod
     def load(cls, var_path: str | Path | None = None, vae_path: str | Path | None = None, *,
              policy: str = DEFAULT_POLICY, policy_args: dict | None = None, dtype: str = "fp32",
-             device: str = "cpu") -> "Engine":
-        """``None`` paths load the bundled demo model. Raises CheckpointError or ValueError on bad input."""
+             device: str = "cpu", profile: str | Path = AUTO, profile_cache_dir: str | Path | None = None,
+             calibration: CalibrationSettings | None = None) -> "Engine":
+        """``None`` paths load the bundled demo model. Raises CheckpointError or ValueError on bad input.
+
+        For ``amskv`` and ``amskv-static`` without ``profile=``/``demanding=`` policy arguments, ``profile``
+        chooses the calibration profile: ``"auto"`` (the bundled demo's shipped file; otherwise the profile
+        cached in ``profile_cache_dir`` for these checkpoints' contents, else a calibration now, written
+        there when a directory is given), ``"off"`` (no profile: every layer is planned as demanding), or a
+        profile file. ``engine.profile_resolution`` says which (docs/kv-cache.md §6).
+        """
         if (var_path is None) != (vae_path is None):
             raise ValueError("give both --var and --vae, or neither for the bundled demo model")
-        if var_path is None:
+        bundled = var_path is None
+        if bundled:
             var_path, vae_path = bundled_checkpoints()
-            policy_args = with_demo_profile(policy, policy_args)
+            if str(profile) == AUTO:
+                policy_args = with_demo_profile(policy, policy_args)
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         var, vae = load_pair(var_path, vae_path)
-        kv_policy = make_policy(policy, var.config.patch_nums, policy_args)
+        policy_args = dict(policy_args or {})
+        kv_policy = make_policy(policy, var.config.patch_nums, policy_args)  # validates the arguments first
         var.to(torch_device)
         vae.to(torch_device)
         if torch_dtype != torch.float32:  # the transformer blocks run in the low precision; embeddings,
             var.blocks.to(torch_dtype)  # the head, f_hat and the VQVAE stay in fp32
             if var.config.shared_aln:
                 var.shared_ada_lin.to(torch_dtype)
-        return cls(var, vae, kv_policy, torch_dtype, torch_device)
+        engine = cls(var, vae, kv_policy, torch_dtype, torch_device)
+        if isinstance(kv_policy, AMSKVPolicy):
+            engine._attach_profile(policy, policy_args, profile, bundled, var_path, vae_path, profile_cache_dir,
+                                   calibration or CalibrationSettings())
+        return engine
+
+    def _attach_profile(self, policy: str, policy_args: dict, profile, bundled: bool, var_path, vae_path,
+                        cache_dir, calibration: CalibrationSettings) -> None:
+        given = policy_args.get("profile")
+        demo_profile = Path(var_path).parent / DEMO_PROFILE
+        if given is not None or "demanding" in policy_args:  # the user's own flags or file
+            self.profile_resolution = ProfileResolution(None if given is None else read_profile(given), "file",
+                                                        None if given is None else Path(given))
+        elif str(profile) == OFF:
+            pass
+        elif str(profile) != AUTO:
+            self.profile_resolution = ProfileResolution(read_profile(profile), "file", Path(profile))
+        elif bundled and demo_profile.is_file():  # the demo ships its own calibration
+            self.profile_resolution = ProfileResolution(read_profile(demo_profile), "file", demo_profile)
+        else:
+            self.profile_resolution = resolve_profile(self, self.policy, var_path, vae_path, cache_dir, calibration)
+        found, depth = self.profile_resolution.profile, self.config.depth
+        if found is not None:
+            if found.depth != depth:
+                raise ValueError(f"the calibration profile has {found.depth} layers but the model has {depth}")
+            if "demanding" not in policy_args:
+                self.policy = make_policy(policy, self.config.patch_nums,
+                                          {k: v for k, v in policy_args.items() if k != "profile"}, profile=found)
+        logger.info("%s: %s", self.model_name, describe(self.profile_resolution))
+
+    @property
+    def profile(self) -> CalibrationProfile | None:
+        return self.profile_resolution.profile
+
+    def demanding_layers(self) -> list[int]:
+        """Layers whose cache the allocation plans at c_max: the profile's flags; every layer under AMS-KV
+        without a profile (the worst case); none for the other policies."""
+        policy = self.policy
+        if not isinstance(policy, AMSKVPolicy):
+            return []
+        flags = policy.demanding if policy.demanding is not None else policy.planned
+        if flags is None:
+            return list(range(self.config.depth))
+        return [i for i in range(self.config.depth) if i < len(flags) and flags[i]]
+
+    def kv_cache_info(self) -> dict:
+        """What the server shows as ``/v1/models`` ``data[0].kv_cache``."""
+        profile = self.profile
+        return {"policy": self.policy_name, "profile_source": self.profile_resolution.source,
+                "demanding_layers": self.demanding_layers(), "theta": None if profile is None else profile.theta,
+                "bytes_per_image": self.kv_bytes_per_image(),
+                "vanilla_bytes_per_image": self.vanilla_kv_bytes_per_image()}
 
     @property
     def policy_name(self) -> str:
@@ -134,6 +204,10 @@ class Engine:
     def max_batch(self, budget_bytes: int, cap: int = 256) -> int:
         return max_batch(budget_bytes, self.kv_bytes_per_image(), cap)
 
+    def new_pool(self, images: int) -> KVPool:
+        """KV buffers for up to ``images`` images under this policy, for ``generate(..., pool=)`` to reuse."""
+        return plan_pool(self.var, self.policy, images, self.var.blocks[0].attn.mat_qkv.weight.dtype, self.device)
+
     def _validate(self, labels: Sequence[int], seeds: Sequence[int], params) -> list[SamplingParams]:
         if isinstance(params, SamplingParams):
             params = [params] * len(labels)
@@ -147,20 +221,24 @@ class Engine:
         return list(params)
 
     @torch.inference_mode()
-    def generate_tokens(self, labels: Sequence[int], seeds: Sequence[int], params, observer=None):
+    def generate_tokens(self, labels: Sequence[int], seeds: Sequence[int], params, observer=None,
+                        pool: KVPool | None = None):
         params = self._validate(labels, seeds, params)
         lab = torch.tensor([int(c) for c in labels], dtype=torch.int64, device=self.device)
         sd = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=self.device)
-        return generate_tokens(self.var, self.vae, lab, sd, RowParams.stack(params, self.device), self.policy, observer)
+        return generate_tokens(self.var, self.vae, lab, sd, RowParams.stack(params, self.device), self.policy,
+                               observer, pool)
 
     @torch.inference_mode()
     def generate(self, labels: Sequence[int], seeds: Sequence[int],
-                 params: Sequence[SamplingParams] | SamplingParams = SamplingParams()) -> GenerationResult:
-        """Image i depends only on (labels[i], seeds[i], params[i])."""
-        res = self.generate_tokens(labels, seeds, params)
+                 params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
+                 pool: KVPool | None = None) -> GenerationResult:
+        """Image i depends only on (labels[i], seeds[i], params[i]). ``pool``: reuse its KV buffers."""
+        res = self.generate_tokens(labels, seeds, params, pool=pool)
         t0 = time.perf_counter()
         images = decode_images(self.vae, res.f_hat, res.tokens, ~res.smooth_rows, self.decode_chunk)
         return GenerationResult(images=images, tokens=[t.cpu() for t in res.tokens],
                                 kv_allocated_bytes=res.kv_allocated_bytes,
                                 kv_peak_stored_bytes=res.kv_peak_stored_bytes, seconds_ar=res.seconds,
-                                seconds_decode=time.perf_counter() - t0, expansions=res.expansions)
+                                seconds_decode=time.perf_counter() - t0, expansions=res.expansions,
+                                unplanned_expansions=res.unplanned_expansions)

@@ -47,7 +47,10 @@ class KVPlan:
 
 
 def plan_kv(policy: KVPolicy, patch_nums: tuple[int, ...], depth: int,
-            similarity: SimilarityOracle = all_demanding) -> KVPlan:
+            similarity: SimilarityOracle | None = None) -> KVPlan:
+    """Replay the policy over token counts. Without an oracle: the policy's own plan (an online AMS-KV
+    policy with a profile plans the profile's expansions), else the worst case (every layer expands)."""
+    similarity = similarity or policy.plan_oracle() or all_demanding
     scale_tokens = tuple(p * p for p in patch_nums)
     states = [policy.init_layer(layer) for layer in range(depth)]
     stored = [0] * depth
@@ -115,8 +118,9 @@ class KVMemory:
 
 
 def kv_memory(cfg: VARConfig, policy: KVPolicy, batch: int, dtype: torch.dtype | str = torch.bfloat16,
-              cfg_rows: int = 2, similarity: SimilarityOracle = all_demanding) -> KVMemory:
-    """KV bytes for ``batch`` images. For online ``amskv`` the default oracle gives the worst case;
+              cfg_rows: int = 2, similarity: SimilarityOracle | None = None) -> KVMemory:
+    """KV bytes for ``batch`` images. For online ``amskv`` the default oracle gives the worst case (or, with
+    a profile, the profile's plan: an expansion beyond it is allocated on the spot and is not counted here);
     an ``amskv-static`` policy (per-layer flags) needs no oracle: its figure is exact before the batch runs."""
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     plan = plan_kv(policy, cfg.patch_nums, cfg.depth, similarity)

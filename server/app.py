@@ -30,7 +30,7 @@ from server.errors import (ApiError, GenerationTimeout, InvalidRequest, Unavaila
 from server.jobs import Job, JobResult, JobStatus
 from server.middleware import GENERATE_PATHS, RequestGuard, RequestMetrics
 from server.schemas import (ERROR_RESPONSES, SEED_MAX, ClassInfo, ClassList, GenerateRequest,
-                            GenerateResponse, HealthStatus, ModelCard, ModelList)
+                            GenerateResponse, HealthStatus, KVCacheCard, ModelCard, ModelList)
 from server.settings import Settings, get_settings
 from server.worker import FaultPlan, InferenceWorker
 
@@ -91,17 +91,20 @@ class Service:
 def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], Any]:
     def load() -> Any:
         from amskv.engine import Engine  # imported on the inference thread, which owns the device
+        from amskv.kvcache.calibration import CalibrationSettings
         return Engine.load(settings.var_checkpoint, settings.vae_checkpoint, policy=settings.policy,
-                           policy_args=settings.policy_args, dtype=dtype, device=device)
+                           policy_args=settings.policy_args, dtype=dtype, device=device,
+                           profile=settings.kv_profile, profile_cache_dir=settings.profile_cache_dir,
+                           calibration=CalibrationSettings(images=settings.calibration_images,
+                                                           time_limit_s=settings.calibration_max_s))
     return load
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    import torch
-
+    from amskv.kvcache.manager import cuda_available
     from amskv.sampling import SamplingParams
-    device = settings.resolved_device(torch.cuda.is_available())
+    device = settings.resolved_device(cuda_available())
     dtype = settings.resolved_dtype(device)
 
     def make_worker(batcher: Batcher, faults: FaultPlan | None) -> InferenceWorker:
@@ -155,7 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             id=info.model_name, num_classes=info.num_classes, resolution=info.resolution,
             channels=info.channels, policy=info.policy, dtype=info.dtype, device=info.device,
             kv_bytes_per_image=info.kv_bytes_per_image,
-            vanilla_kv_bytes_per_image=info.vanilla_kv_bytes_per_image, max_batch=service.worker.max_images)])
+            vanilla_kv_bytes_per_image=info.vanilla_kv_bytes_per_image, max_batch=service.worker.max_images,
+            kv_cache=KVCacheCard(**info.kv_cache) if info.kv_cache else None)])
 
     @app.get("/v1/classes", response_model=ClassList)
     async def classes(request: Request) -> ClassList:

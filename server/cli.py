@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # flag -> Settings field; only flags given on the command line override the environment.
 FLAG_FIELDS = {"host": "host", "port": "port", "var": "var_checkpoint", "vae": "vae_checkpoint",
                "policy": "policy", "dtype": "dtype", "device": "device", "max_batch": "max_batch",
-               "log_level": "log_level"}
+               "log_level": "log_level", "kv_profile": "kv_profile"}
 
 
 def _env(flag: str, default: object = None) -> str:
@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, help=f"cap on images per batch, at most 256 {_env('max_batch')}")
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                         help=f"log level {_env('log_level')}")
+    parser.add_argument("--kv-profile", metavar="auto|off|FILE",
+                        help=f"KV calibration profile: auto calibrates at start-up or reuses the cached profile "
+                             f"{_env('kv_profile')}")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
@@ -64,6 +67,9 @@ def check_paths(settings: Settings) -> list[str]:
     for name, path in (("var_checkpoint", settings.var_checkpoint), ("vae_checkpoint", settings.vae_checkpoint)):
         if path is not None and not os.path.isfile(path):
             problems.append(f"invalid setting AMSKV_{name.upper()}: no such file {path!r}")
+    if settings.kv_profile not in ("auto", "off") and not os.path.isfile(settings.kv_profile):
+        problems.append(f"invalid setting AMSKV_KV_PROFILE: 'auto', 'off' or a profile file; no such file "
+                        f"{settings.kv_profile!r}")
     return problems
 
 
@@ -84,10 +90,12 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    from amskv.kvcache.manager import cuda_available
+
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     try:
-        settings.resolved_device(torch.cuda.is_available())
+        settings.resolved_device(cuda_available())
     except ValueError as exc:
         print(f"invalid setting AMSKV_DEVICE: {exc}", file=sys.stderr)
         return 2

@@ -96,7 +96,9 @@ BATCH_MAX = Gauge(
     registry=REGISTRY,
 )
 KV_BUDGET = Gauge(
-    "amskv_kv_cache_budget_bytes", "KV-cache memory budget computed at startup.", registry=REGISTRY,
+    "amskv_kv_cache_budget_bytes",
+    "Memory the KV-cache manager may use now (cpu: the configured budget; cuda: the pool plus free memory).",
+    registry=REGISTRY,
 )
 KV_USED = Gauge(
     "amskv_kv_cache_used_bytes", "KV-cache bytes held by the running batch.", registry=REGISTRY,
@@ -115,6 +117,62 @@ KV_REDUCTION = Gauge(
 )
 KV_USAGE_RATIO = Gauge(
     "amskv_kv_cache_usage_ratio", "KV-cache used bytes / budget bytes (0..1).", registry=REGISTRY,
+)
+# The KV-cache manager's state (amskv/kvcache/manager.py KVState) and the calibration profile.
+PROFILE_SOURCES = ("calibrated", "cached", "file", "none")  # = amskv.kvcache.calibration.PROFILE_SOURCES
+KV_RESERVED = Gauge(
+    "amskv_kv_cache_reserved_bytes", "KV pool bytes allocated once at warm-up and reused by every batch.",
+    registry=REGISTRY,
+)
+KV_ACTIVATION_RESERVE = Gauge(
+    "amskv_kv_cache_activation_reserve_bytes",
+    "Fixed activation memory measured at warm-up and held back from the budget (0 on the cpu).", registry=REGISTRY,
+)
+BATCH_CAP = Gauge(
+    "amskv_batch_cap_images",
+    "Batch cap after OOM back-off; raised again after successful batches, at most the KV pool's images.",
+    registry=REGISTRY,
+)
+KV_POOL_IMAGES = Gauge(
+    "amskv_kv_cache_pool_images", "Images the preallocated KV pool holds (the largest admissible batch).",
+    registry=REGISTRY,
+)
+KV_UNPLANNED_EXPANSIONS = Counter(
+    "amskv_kv_cache_unplanned_expansions_total",
+    "Online AMS-KV layer expansions the calibration profile did not plan (allocated when they happen).",
+    registry=REGISTRY,
+)
+KV_PROFILE = Gauge(
+    "amskv_kv_profile_info", "The KV calibration profile's source; the value is 1 for the live source, else 0.",
+    ["source"], registry=REGISTRY,
+)
+KV_PROFILE_DEMANDING_LAYERS = Gauge(
+    "amskv_kv_profile_demanding_layers", "Layers whose KV cache is planned at c_max (cache-demanding).",
+    registry=REGISTRY,
+)
+KV_PROFILE_THETA = Gauge(
+    "amskv_kv_profile_theta", "The calibration profile's similarity threshold theta (NaN without a profile).",
+    registry=REGISTRY,
+)
+LAST_BATCH_COMPLETED = Gauge(
+    "amskv_last_batch_completed_timestamp_seconds",
+    "Unix time the inference thread last finished a batch, failed or not (the worker heartbeat; 0 before the first).",
+    registry=REGISTRY,
+)
+BATCH_MAX_CONFIGURED = Gauge(
+    "amskv_batch_max_configured_images", "AMSKV_MAX_BATCH: the most images one batch may hold by configuration.",
+    registry=REGISTRY,
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "amskv_queue_oldest_age_seconds", "Seconds the longest-waiting queued request has waited (0 when empty).",
+    registry=REGISTRY,
+)
+RUNNING_REQUESTS = Gauge(
+    "amskv_running_requests", "Requests with images in the batch now on the device.", registry=REGISTRY,
+)
+DEVICE_MEMORY_RESERVED = Gauge(
+    "amskv_device_memory_reserved_bytes",
+    "Device memory torch's CUDA caching allocator holds, read at scrape (0 on the cpu).", registry=REGISTRY,
 )
 READY = Gauge("amskv_ready", "1 when the service accepts work (/readyz is 200), else 0.", registry=REGISTRY)
 DRAINING = Gauge("amskv_draining", "1 while the service drains after SIGTERM, else 0.", registry=REGISTRY)
@@ -156,6 +214,8 @@ for _reason in FAILURE_REASONS:
     BATCH_FAILURES.labels(reason=_reason)
 for _stage in BATCH_STAGES:
     BATCH_DURATION.labels(stage=_stage)
+for _source in PROFILE_SOURCES:
+    KV_PROFILE.labels(source=_source)
 for _endpoint in GENERATE_ENDPOINTS:
     REQUEST_DURATION.labels(endpoint=_endpoint)
 
@@ -165,6 +225,24 @@ def start_model_series(model: str) -> None:
     IMAGES_GENERATED.labels(model=model)
     KV_PER_IMAGE.labels(model=model)
     KV_VANILLA_PER_IMAGE.labels(model=model)
+
+
+def set_kv_profile(source: str, demanding_layers: int, theta: float | None) -> None:
+    """Publish the profile: one source series at 1 (the others at 0), the demanding-layer count and theta."""
+    for name in PROFILE_SOURCES:
+        KV_PROFILE.labels(source=name).set(1 if name == source else 0)
+    KV_PROFILE_DEMANDING_LAYERS.set(demanding_layers)
+    KV_PROFILE_THETA.set(float("nan") if theta is None else theta)
+
+
+def publish_kv_state(state) -> None:
+    """The KV-cache manager's state as gauges (``state`` is an amskv.kvcache.manager.KVState)."""
+    KV_BUDGET.set(state.budget_bytes)
+    KV_RESERVED.set(state.reserved_bytes)
+    KV_ACTIVATION_RESERVE.set(state.activation_reserve_bytes)
+    KV_POOL_IMAGES.set(state.pool_images)
+    BATCH_CAP.set(state.cap)
+    BATCH_MAX.set(state.admissible)
 
 
 def set_build_info(version: str, model: str, policy: str, dtype: str, device: str) -> None:

@@ -67,6 +67,18 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class KVCacheCard(BaseModel):
+    """The KV cache the model runs with (docs/kv-cache.md §6)."""
+
+    policy: str
+    profile_source: Literal["calibrated", "cached", "file", "none"] = Field(
+        description="calibrated at this start, cached from an earlier one, a given/shipped file, or none")
+    demanding_layers: list[int] = Field(description="layers whose cache is planned at c_max")
+    theta: float | None = Field(description="the profile's similarity threshold; null without a profile")
+    bytes_per_image: int
+    vanilla_bytes_per_image: int
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -80,6 +92,7 @@ class ModelCard(BaseModel):
     kv_bytes_per_image: int
     vanilla_kv_bytes_per_image: int
     max_batch: int
+    kv_cache: KVCacheCard | None = None
 
 
 class ModelList(BaseModel):

@@ -4,7 +4,9 @@ The library (`amskv/`) never reads the environment; everything it needs is passe
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
@@ -52,6 +54,17 @@ class Settings(BaseSettings):
     # Memory.
     kv_budget_gib: float = Field(1.0, gt=0, description="KV budget on cpu, GiB")
     gpu_mem_fraction: float = Field(0.9, gt=0, le=1, description="share of free device memory for KV")
+    oom_recover_batches: int = Field(8, ge=1, le=10_000,
+                                     description="successful batches after an OOM before the batch cap doubles again")
+
+    # KV calibration profile (docs/kv-cache.md §6).
+    kv_profile: str = Field("auto", min_length=1, description="auto (calibrate at load, or reuse the cached "
+                            "profile), off (no profile: every layer planned demanding), or a profile file path")
+    kv_profile_cache_dir: str | None = Field(
+        None, description="where calibrated profiles are cached; None = $XDG_CACHE_HOME/amskv/profiles "
+        "(~/.cache/amskv/profiles)")
+    calibration_images: int = Field(8, ge=1, le=256, description="images generated to calibrate a checkpoint")
+    calibration_max_s: float = Field(60.0, gt=0, description="calibration stops after the batch that passes this")
 
     # Test-only fault injection; never enable in production.
     fault_injection: bool = False
@@ -76,6 +89,15 @@ class Settings(BaseSettings):
         if self.dtype is not None:
             return self.dtype
         return "bf16" if device == "cuda" else "fp32"
+
+    @property
+    def profile_cache_dir(self) -> Path:
+        """The XDG base-directory rule: $XDG_CACHE_HOME when set and absolute, else ~/.cache."""
+        if self.kv_profile_cache_dir:
+            return Path(self.kv_profile_cache_dir).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+        return base / "amskv" / "profiles"
 
     @property
     def cpu_kv_budget_bytes(self) -> int:

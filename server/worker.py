@@ -1,9 +1,10 @@
 """The one inference thread: it loads the engine, warms it up, and then runs every batch.
 
 Only this thread touches the model and the device, so the event loop keeps answering /metrics and
-/livez while a batch runs. Each loop turn reads the KV budget again, asks the engine how many images
-fit, takes a batch from the batcher and hands the images back. An OOM splits the failing call in
-halves (down to single images) and lowers the cap for later batches.
+/livez while a batch runs. The loop is take -> execute -> complete: it asks the KV-cache manager
+(amskv/kvcache/manager.py, which owns the budget, the KV pool and the OOM cap) how many images fit now,
+takes a batch of at most that many from the batcher, runs it and hands the images back. An OOM splits
+the failing call in halves (down to single images) and tells the manager, which lowers its cap.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from server import metrics
 from server.batcher import Batcher
 from server.errors import JobFailed, OutOfMemory, Unavailable
 from server.jobs import BatchPlan
-from server.settings import MAX_BATCH_CEILING, Settings
+from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class EngineInfo:
     kv_bytes_per_image: int
     vanilla_kv_bytes_per_image: int
     vocab_size: int | None
+    kv_cache: dict[str, Any] = field(default_factory=dict)  # Engine.kv_cache_info(): policy and profile
 
 
 class InjectedFault(RuntimeError):
@@ -132,10 +134,7 @@ class InferenceWorker:
         self._stop = threading.Event()
         self._startup_error: BaseException | None = None
         self._died = False
-        self._activation_peak = 0  # fixed part of the activation peak (cuda), bytes
-        self._activation_per_image = 0  # per-image part of the activation peak (cuda), bytes
-        self._oom_cap = MAX_BATCH_CEILING
-        self._budget = 0
+        self.manager: Any = None  # amskv.kvcache.manager.KVCacheManager, made on this thread after loading
         self.info: EngineInfo | None = None
         self.max_images = 0  # the cap used for the latest batch
 
@@ -179,7 +178,11 @@ class InferenceWorker:
                 if self.faults is not None and self.faults.kill_worker:
                     raise WorkerKilled("inference thread killed by fault injection")
                 hold = self.faults.holds if self.faults is not None else None
-                plan = self.batcher.take_batch(self.admissible_batch(), timeout_s=IDLE_POLL_S, hold=hold)
+                fits = self.admissible_batch()
+                if fits < 1:  # no room now (the device is full): wait, the manager answers again
+                    self._stop.wait(IDLE_POLL_S)
+                    continue
+                plan = self.batcher.take_batch(fits, timeout_s=IDLE_POLL_S, hold=hold)
                 if plan is not None:
                     self._execute(plan)
         except BaseException:
@@ -190,72 +193,45 @@ class InferenceWorker:
                                            code="worker_dead", retry_after_s=30))
 
     def _warm_up(self) -> None:
+        from amskv.kvcache.manager import KVCacheManager  # the library owns the device and the budget
+
         engine = self._engine
-        device = engine.device
-        engine.generate([0], [0], [self._warmup_params])  # warm-up: first-call allocations and kernels
-        if device.type == "cuda":
-            # The activation peak grows with the batch: measure it at 1 and 2 images and extrapolate
-            # linearly, so the admissible batch reserves activations as well as KV for every image.
-            peak1 = self._measure_peak([0])
-            peak2 = self._measure_peak([0, 1])
-            self._activation_per_image = max(0, peak2 - peak1)
-            self._activation_peak = max(0, peak1 - self._activation_per_image)
+        self.manager = KVCacheManager(engine, max_batch=self.settings.max_batch,
+                                      cpu_budget_bytes=self.settings.cpu_kv_budget_bytes,
+                                      gpu_mem_fraction=self.settings.gpu_mem_fraction,
+                                      recover_after=self.settings.oom_recover_batches)
+        self.manager.warm_up(self._warmup_params)
+        kv_cache = engine.kv_cache_info() if hasattr(engine, "kv_cache_info") else {}
         self.info = EngineInfo(
             model_name=engine.model_name, num_classes=engine.num_classes, resolution=engine.resolution,
-            channels=engine.channels, policy=engine.policy_name, dtype=self._dtype, device=str(device),
+            channels=engine.channels, policy=engine.policy_name, dtype=self._dtype, device=str(engine.device),
             kv_bytes_per_image=engine.kv_bytes_per_image(),
             vanilla_kv_bytes_per_image=engine.vanilla_kv_bytes_per_image(),
-            vocab_size=getattr(getattr(engine, "config", None), "vocab_size", None))
-        budget = self.budget_bytes()
-        self.max_images = self.admissible_batch()
-        if engine.max_batch(budget, cap=MAX_BATCH_CEILING) < 1:
-            raise ValueError(
-                f"the KV budget ({budget} bytes) holds no image ({self.info.kv_bytes_per_image} bytes "
-                "each); raise AMSKV_KV_BUDGET_GIB or AMSKV_GPU_MEM_FRACTION")
+            vocab_size=getattr(getattr(engine, "config", None), "vocab_size", None), kv_cache=kv_cache)
+        self.admissible_batch()
         metrics.KV_PER_IMAGE.labels(model=self.info.model_name).set(self.info.kv_bytes_per_image)
         metrics.KV_VANILLA_PER_IMAGE.labels(model=self.info.model_name).set(self.info.vanilla_kv_bytes_per_image)
         if self.info.vanilla_kv_bytes_per_image:
             metrics.KV_REDUCTION.set(1 - self.info.kv_bytes_per_image / self.info.vanilla_kv_bytes_per_image)
+        if kv_cache:
+            metrics.set_kv_profile(kv_cache["profile_source"], len(kv_cache["demanding_layers"]), kv_cache["theta"])
+        state = self.manager.state()
         logger.info("model %s, policy %s, %s on %s: KV %.2f MiB per image (vanilla %.2f MiB); budget %.2f GiB; "
-                    "activation peak %.1f MiB; max batch %d images",
-                    self.info.model_name, self.info.policy, self._dtype, device,
+                    "KV pool %.2f MiB for %d images; activation reserve %.1f MiB; max batch %d images",
+                    self.info.model_name, self.info.policy, self._dtype, engine.device,
                     self.info.kv_bytes_per_image / 2**20, self.info.vanilla_kv_bytes_per_image / 2**20,
-                    budget / 2**30, self._activation_peak / 2**20, self.max_images)
-
-    def _measure_peak(self, labels: list[int]) -> int:
-        """Peak device bytes above the baseline for one batch, KV cache excluded."""
-        device = self._engine.device
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        result = self._engine.generate(labels, labels, [self._warmup_params] * len(labels))
-        torch.cuda.synchronize(device)
-        return max(0, torch.cuda.max_memory_allocated(device) - baseline - int(result.kv_allocated_bytes))
-
-    def budget_bytes(self) -> int:
-        """KV bytes available now: cuda reads free memory every time, cpu uses the configured budget."""
-        device = self._engine.device
-        if device.type != "cuda":
-            return self.settings.cpu_kv_budget_bytes
-        free, _total = torch.cuda.mem_get_info(device)
-        # Blocks our caching allocator holds but no tensor uses are ours to reuse, though not "free".
-        reusable = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return max(0, int((free + reusable) * self.settings.gpu_mem_fraction) - self._activation_peak)
+                    state.budget_bytes / 2**30, state.reserved_bytes / 2**20, state.pool_images,
+                    state.activation_reserve_bytes / 2**20, self.max_images)
+        if kv_cache:
+            logger.info("KV profile %s: theta %s, demanding layers %s", kv_cache["profile_source"],
+                        kv_cache["theta"], kv_cache["demanding_layers"])
 
     def admissible_batch(self) -> int:
-        budget = self.budget_bytes()
-        cap = min(MAX_BATCH_CEILING, self.settings.max_batch)
-        if self._activation_per_image and self.info is not None:
-            # each image needs its KV plus its share of the activations measured at warm-up
-            by_memory = min(cap, budget // (self.info.kv_bytes_per_image + self._activation_per_image))
-        else:
-            by_memory = self._engine.max_batch(budget, cap=cap)
-        # Never 0: a transiently full device still tries one image; the OOM path answers if it fails.
-        self.max_images = max(1, min(by_memory, self._oom_cap))
-        metrics.KV_BUDGET.set(budget)
-        metrics.BATCH_MAX.set(self.max_images)
-        self._budget = budget
-        return self.max_images
+        """The manager's answer (0 = no room now), published with the rest of its state as metrics."""
+        state = self.manager.state()
+        self.max_images = state.admissible
+        metrics.publish_kv_state(state)
+        return state.admissible
 
     def _execute(self, plan: BatchPlan) -> None:
         count = plan.num_images
@@ -279,7 +255,7 @@ class InferenceWorker:
         outputs: list[Any] = []
         start = 0
         while start < len(labels):
-            stop = start + self._oom_cap  # the cap can drop mid-plan after an OOM
+            stop = start + max(1, self.manager.cap)  # the cap can drop mid-plan after an OOM
             outputs += self._generate_chunk(labels[start:stop], seeds[start:stop], params[start:stop])
             start = stop
         return outputs
@@ -292,27 +268,29 @@ class InferenceWorker:
                 self.faults.before_call(count)
             if self.info is not None:  # the plan is exact: what this batch's cache will allocate
                 metrics.KV_USED.set(self.info.kv_bytes_per_image * count)
-            result = self._engine.generate(list(labels), list(seeds), list(params))
+            result = self.manager.generate(list(labels), list(seeds), list(params))
         except torch.OutOfMemoryError:
             out_of_memory = True  # retried outside the handler so the traceback's tensors are freed
         if out_of_memory:
             metrics.OOM.inc()
-            if self._engine.device.type == "cuda":
-                torch.cuda.empty_cache()
+            cap = self.manager.note_oom(count)
+            metrics.BATCH_MAX.set(cap)
             if count == 1:
                 metrics.BATCH_FAILURES.labels(reason="oom").inc()
                 logger.error("out of memory for a single image; failing it")
                 return [OutOfMemory("out of device memory even for a single image")]
             half = (count + 1) // 2
-            self._oom_cap = min(self._oom_cap, half)
             logger.warning("out of memory at %d images; retrying as %d + %d and capping batches at %d",
-                           count, half, count - half, self._oom_cap)
+                           count, half, count - half, cap)
             return (self._generate_chunk(labels[:half], seeds[:half], params[:half])
                     + self._generate_chunk(labels[half:], seeds[half:], params[half:]))
         metrics.BATCH_DURATION.labels(stage="ar").observe(result.seconds_ar)
         metrics.BATCH_DURATION.labels(stage="decode").observe(result.seconds_decode)
         metrics.KV_USED.set(result.kv_allocated_bytes)
-        if self._budget:
-            metrics.KV_USAGE_RATIO.set(min(1.0, result.kv_allocated_bytes / self._budget))
+        budget = self.manager.state().budget_bytes
+        if budget:
+            metrics.KV_USAGE_RATIO.set(min(1.0, result.kv_allocated_bytes / budget))
+        if result.unplanned_expansions:
+            metrics.KV_UNPLANNED_EXPANSIONS.inc(len(result.unplanned_expansions))
         images = result.images.cpu().numpy()  # (B, H, W, C) uint8
         return [images[i] for i in range(count)]

@@ -6,6 +6,7 @@ makes the predicted bytes equal the bytes held.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,6 +44,10 @@ class KVPolicy:
 
     def params(self) -> dict:
         return {}
+
+    def plan_oracle(self):
+        """The similarity oracle the memory plan replays (None: the worst case, every layer demanding)."""
+        return None
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params().items())
@@ -107,12 +112,17 @@ class AMSKVPolicy(KVPolicy):
     - otherwise the oldest unlocked scale is evicted (CLRU);
     - a scale with more than ``c_max`` tokens is not cached, nor is the last scale;
     - the scale just inserted is never evicted unless ``evict_newest`` (amskv-method.md §8.2).
+
+    ``planned`` (online only) are a calibration profile's flags: the allocation is planned for them, and an
+    online expansion of a layer the profile did not flag is an exception the storage allocates on the spot
+    (docs/kv-cache.md §2), instead of a worst case reserved for every layer.
     """
 
     name = "amskv"
 
     def __init__(self, c_cds: int = 2, c_min: int = 100, c_max: int = 155, theta: float = 0.8,
-                 evict_newest: bool = False, demanding: tuple[bool, ...] | None = None):
+                 evict_newest: bool = False, demanding: tuple[bool, ...] | None = None,
+                 planned: tuple[bool, ...] | None = None):
         if c_cds < 0 or c_min < 0 or c_max < c_min:
             raise ValueError(f"need c_cds >= 0 and 0 <= c_min <= c_max (got {c_cds}, {c_min}, {c_max})")
         self.c_cds, self.c_min, self.c_max, self.theta = c_cds, c_min, c_max, theta
@@ -120,6 +130,7 @@ class AMSKVPolicy(KVPolicy):
         self.demanding = None if demanding is None else tuple(bool(d) for d in demanding)
         if self.demanding is not None:
             self.name = "amskv-static"
+        self.planned = None if planned is None or demanding is not None else tuple(bool(p) for p in planned)
 
     def params(self):
         p = {"c_cds": self.c_cds, "c_min": self.c_min, "c_max": self.c_max}
@@ -129,7 +140,21 @@ class AMSKVPolicy(KVPolicy):
             p["demanding_layers"] = "all" if all(self.demanding) else [i for i, d in enumerate(self.demanding) if d]
         if self.evict_newest:
             p["evict_newest"] = True
+        if self.planned is not None:
+            p["planned_layers"] = [i for i, d in enumerate(self.planned) if d]
         return p
+
+    def plan_oracle(self):
+        if self.planned is None:
+            return None
+        planned = self.planned
+        return lambda layer, si: -math.inf if layer < len(planned) and planned[layer] else math.inf
+
+    def is_planned(self, layer: int) -> bool:
+        """Whether the allocation reserved this layer's expansion (always, without a profile)."""
+        if self.planned is None:  # static flags, or the worst case: every expansion is planned for
+            return True
+        return layer < len(self.planned) and self.planned[layer]
 
     def init_layer(self, layer: int) -> LayerState:
         return LayerState(budget=self.c_min)
@@ -205,7 +230,8 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
     """Build a policy by name. ``args`` are strings or values; ``preset`` picks a named AMS-KV set.
 
     ``profile`` (a ``CalibrationProfile``, or a tuple of per-layer flags) feeds ``amskv-static``;
-    without one every layer is treated as cache-demanding, the safe upper bound.
+    without one every layer is treated as cache-demanding, the safe upper bound. For online ``amskv`` the
+    profile's flags only plan the allocation (``AMSKVPolicy.planned``); the online test still decides.
     """
     raw = {k.replace("-", "_"): v for k, v in (args or {}).items()}
     # flags ("0110", "0,1,1,0") and paths stay strings: number coercion would turn "0110" into 110
@@ -231,8 +257,13 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
             if flags is None and profile is not None:
                 flags = getattr(profile, "demanding", profile)
             params["demanding"] = flags if flags is not None else "all"
+        planned = None
+        if name == "amskv" and profile is not None:
+            planned = tuple(getattr(profile, "demanding", profile))
+            if "theta" not in params and getattr(profile, "theta", None) is not None:
+                params["theta"] = profile.theta  # the layout has no measured theta: use the checkpoint's
         policy = AMSKVPolicy(**{k: v for k, v in params.items() if k != "demanding"},
-                             demanding=_flags(params.get("demanding")))
+                             demanding=_flags(params.get("demanding")), planned=planned)
     else:
         raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
     if args:

@@ -7,7 +7,8 @@ JSON, format ``amskv-profile/1``::
      "demanding": [true, false, ...],              # one flag per layer
      "layer_similarity": [0.63, 0.88, ...],        # the value compared with theta, per layer
      "similarity": {"0": {"1": 0.41, ...}, ...},   # layer -> scale -> mean inter-scale key similarity
-     "test_scales": [6, 7], "policy": {...}, "samples": 32}
+     "test_scales": [6, 7], "policy": {...}, "samples": 32,
+     "measure": "cosine", "layer_similarity_neg_l2": [-0.9, ...], "seconds": 1.2}
 
 Only ``format`` and ``demanding`` are needed to build a policy; the rest documents how the flags arose.
 """
@@ -31,6 +32,9 @@ class CalibrationProfile:
     test_scales: tuple[int, ...] = ()
     policy: dict = field(default_factory=dict)  # the AMS-KV parameters the test scales came from
     samples: int = 0
+    layer_similarity_neg_l2: tuple[float, ...] = ()  # the same test scales under the negative L2 measure
+    seconds: float = 0.0  # how long the calibration took (0 when unknown)
+    measure: str = "cosine"  # the measure of layer_similarity and theta
 
     @property
     def depth(self) -> int:
@@ -48,6 +52,8 @@ class CalibrationProfile:
             "similarity": {str(layer): {str(si): v for si, v in sorted(by_scale.items())}
                            for layer, by_scale in sorted(self.similarity.items())},
             "test_scales": list(self.test_scales), "policy": dict(self.policy), "samples": self.samples,
+            "measure": self.measure, "layer_similarity_neg_l2": list(self.layer_similarity_neg_l2),
+            "seconds": self.seconds,
         }
 
     @classmethod
@@ -69,6 +75,8 @@ class CalibrationProfile:
             layer_similarity=tuple(float(v) for v in data.get("layer_similarity") or ()),
             test_scales=tuple(int(s) for s in data.get("test_scales") or ()),
             policy=dict(data.get("policy") or {}), samples=int(data.get("samples") or 0),
+            layer_similarity_neg_l2=tuple(float(v) for v in data.get("layer_similarity_neg_l2") or ()),
+            seconds=float(data.get("seconds") or 0.0), measure=str(data.get("measure") or "cosine"),
         )
 
 

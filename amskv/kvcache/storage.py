@@ -6,6 +6,10 @@ over [kept scales + current scale] is one SDPA call on a prefix view. The curren
 right after the kept ones when it fits; otherwise the kept scales and the current one are assembled
 in the workspace (sized for the largest such moment of any layer). Evicting a scale compacts the
 buffer, so its memory is really reused. Nothing here calls ``torch.cat``.
+
+A ``KVPool`` holds these buffers for the largest batch once; a ``KVCache`` built on it uses views of its
+first rows, so batch after batch allocates nothing. The one exception is online AMS-KV with a profile: a
+layer that expands although the profile did not plan it gets a larger buffer on the spot (``unplanned``).
 """
 from __future__ import annotations
 
@@ -24,9 +28,16 @@ class Segment:
     length: int
 
 
-def key_similarity(k_prev: torch.Tensor, k_cur: torch.Tensor, pn_prev: int, pn: int) -> float:
-    """Mean cosine similarity of the previous scale's keys, bilinearly resized (align_corners=False) to the
-    current scale's grid, to the current keys; averaged over rows, heads and tokens.
+SIMILARITY_MEASURES = ("cosine", "neg_l2")
+
+
+def key_similarity(k_prev: torch.Tensor, k_cur: torch.Tensor, pn_prev: int, pn: int, measure: str = "cosine") -> float:
+    """Similarity of the previous scale's keys, bilinearly resized (align_corners=False) to the current
+    scale's grid, to the current keys; averaged over rows, heads and tokens.
+
+    ``cosine``: the mean cosine similarity (what online AMS-KV compares with theta). ``neg_l2``: the negative
+    mean L2 distance per token, the measure of amskv-method.md §3.3. Resized unit keys are no longer unit-norm,
+    so the two are not equivalent; calibration records both (docs/kv-cache.md §5 compares their rankings).
 
     k_prev: (rows, H, pn_prev^2, hd), k_cur: (rows, H, pn^2, hd). Shared by the online AMS-KV test and
     ``amskv analyze``, so calibration measures exactly what the policy compares with theta.
@@ -35,15 +46,46 @@ def key_similarity(k_prev: torch.Tensor, k_cur: torch.Tensor, pn_prev: int, pn: 
     grid = k_prev.float().permute(0, 1, 3, 2).reshape(rows * H, hd, pn_prev, pn_prev)  # -> (rows*H, hd, p, p)
     grid = F.interpolate(grid, size=(pn, pn), mode="bilinear", align_corners=False)
     resized = grid.reshape(rows, H, hd, pn * pn).permute(0, 1, 3, 2)  # -> (rows, H, pn^2, hd)
-    return F.cosine_similarity(resized, k_cur.float(), dim=-1).mean().item()
+    if measure == "cosine":
+        return F.cosine_similarity(resized, k_cur.float(), dim=-1).mean().item()
+    if measure == "neg_l2":
+        return -(resized - k_cur.float()).norm(dim=-1).mean().item()
+    raise ValueError(f"similarity measure must be one of {SIMILARITY_MEASURES}, got {measure!r}")
+
+
+class KVPool:
+    """K/V buffers for up to ``images`` images (both CFG rows), allocated once from a plan's token counts."""
+
+    def __init__(self, images: int, heads: int, head_dim: int, capacities: list[int], workspace_tokens: int,
+                 dtype, device):
+        rows = 2 * images
+        self.images, self.capacities, self.workspace_tokens = images, tuple(capacities), workspace_tokens
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k = [torch.empty(rows, heads, c, head_dim, dtype=dtype, device=device) for c in capacities]
+        self.v = [torch.empty_like(k) for k in self.k]
+        self.ws_k = torch.empty(rows, heads, workspace_tokens, head_dim, dtype=dtype, device=device) \
+            if workspace_tokens else None
+        self.ws_v = torch.empty_like(self.ws_k) if self.ws_k is not None else None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = self.k + self.v + ([self.ws_k, self.ws_v] if self.ws_k is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def fits(self, rows: int, capacities: list[int], workspace_tokens: int, dtype) -> bool:
+        return (rows <= 2 * self.images and tuple(capacities) == self.capacities
+                and workspace_tokens == self.workspace_tokens and dtype == self.dtype)
 
 
 class Workspace:
     """Scratch K/V for one layer at a time: [kept scales + current scale] when they exceed the layer buffer."""
 
-    def __init__(self, rows: int, heads: int, head_dim: int, tokens: int, dtype, device):
-        self.k = torch.empty(rows, heads, tokens, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+    def __init__(self, rows: int, heads: int, head_dim: int, tokens: int, dtype, device, pool: KVPool | None = None):
+        if pool is not None:
+            self.k, self.v = pool.ws_k[:rows], pool.ws_v[:rows]
+        else:
+            self.k = torch.empty(rows, heads, tokens, head_dim, dtype=dtype, device=device)
+            self.v = torch.empty_like(self.k)
 
     @property
     def nbytes(self) -> int:
@@ -53,11 +95,14 @@ class Workspace:
 class LayerKV:
     """The object a layer's attention talks to: ``attend`` before SDPA, ``commit`` after it."""
 
-    def __init__(self, cache: "KVCache", layer: int, capacity: int):
+    def __init__(self, cache: "KVCache", layer: int, capacity: int, pool: KVPool | None = None):
         self.cache, self.layer = cache, layer
         rows, heads, head_dim = cache.rows, cache.heads, cache.head_dim
-        self.k = torch.empty(rows, heads, capacity, head_dim, dtype=cache.dtype, device=cache.device)
-        self.v = torch.empty_like(self.k)
+        if pool is not None:  # views of the pool's first rows: contiguous, nothing allocated
+            self.k, self.v = pool.k[layer][:rows], pool.v[layer][:rows]
+        else:
+            self.k = torch.empty(rows, heads, capacity, head_dim, dtype=cache.dtype, device=cache.device)
+            self.v = torch.empty_like(self.k)
         self.capacity = capacity
         self.segments: list[Segment] = []
         self.length = 0
@@ -72,12 +117,12 @@ class LayerKV:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Place the current scale after the kept ones; returns (rows, H, kept + T, hd) views."""
         T, n = k.shape[2], self.length
+        ws = self.cache.workspace
+        if n + T > self.capacity and (ws is None or n + T > ws.k.shape[2]):
+            self._grow(n + T)  # an expansion the plan did not foresee (online AMS-KV with a profile)
         if n + T <= self.capacity:
             buf_k, buf_v, in_ws = self.k, self.v, False
         else:
-            ws = self.cache.workspace
-            if ws is None or n + T > ws.k.shape[2]:
-                raise RuntimeError(f"layer {self.layer}: {n + T} tokens exceed the planned workspace")
             buf_k, buf_v, in_ws = ws.k, ws.v, True
             buf_k[:, :, :n].copy_(self.k[:, :, :n])
             buf_v[:, :, :n].copy_(self.v[:, :, :n])
@@ -88,6 +133,17 @@ class LayerKV:
         if self.cache.observer is not None:
             self.cache.observer(self.layer, self.cache.scale, q, k_all, v_all, self.segments)
         return k_all, v_all
+
+    def _grow(self, tokens: int) -> None:
+        """Replace the buffer by one of ``tokens`` positions, keeping the kept prefix; counted as unplanned."""
+        if not self.cache.allow_growth:
+            raise RuntimeError(f"layer {self.layer}: {tokens} tokens exceed the planned capacity")
+        k = torch.empty(*self.k.shape[:2], tokens, self.k.shape[3], dtype=self.k.dtype, device=self.k.device)
+        v = torch.empty_like(k)
+        k[:, :, :self.length].copy_(self.k[:, :, :self.length])
+        v[:, :, :self.length].copy_(self.v[:, :, :self.length])
+        self.k, self.v, self.capacity = k, v, tokens
+        self.cache.unplanned_bytes += 2 * k.numel() * k.element_size()
 
     def similarity(self) -> float:
         """Mean cosine similarity of the previous scale's keys (bilinearly resized) to the current keys.
@@ -116,14 +172,16 @@ class LayerKV:
         if decision.keep:
             survivors.append(current)
         src_k, src_v = self._buf
+        kept_tokens = sum(seg.length for seg in survivors)
+        if kept_tokens > self.capacity:
+            self._grow(kept_tokens)  # src_k/src_v still hold the old buffer: every survivor is copied over
+        moved = self.k is not src_k
         pos, new_segments = 0, []
         for seg in survivors:
-            if in_ws or seg.start != pos:
-                if pos + seg.length > self.capacity:
-                    raise RuntimeError(f"layer {self.layer}: policy kept more than the planned capacity")
+            if moved or seg.start != pos:
                 block_k = src_k[:, :, seg.start:seg.start + seg.length]
                 block_v = src_v[:, :, seg.start:seg.start + seg.length]
-                if not in_ws:  # moving left inside one buffer may overlap: copy through a temporary
+                if not moved:  # moving left inside one buffer may overlap: copy through a temporary
                     block_k, block_v = block_k.clone(), block_v.clone()
                 self.k[:, :, pos:pos + seg.length].copy_(block_k)
                 self.v[:, :, pos:pos + seg.length].copy_(block_v)
@@ -141,15 +199,24 @@ class KVCache:
     """All layers' storage for one batch, allocated from a memory plan (``amskv.memory.plan_kv``)."""
 
     def __init__(self, policy: KVPolicy, patch_nums: tuple[int, ...], rows: int, heads: int, head_dim: int,
-                 capacities: list[int], workspace_tokens: int, dtype, device, observer=None):
+                 capacities: list[int], workspace_tokens: int, dtype, device, observer=None,
+                 pool: KVPool | None = None):
         self.policy, self.patch_nums = policy, tuple(patch_nums)
         self.scale_tokens = tuple(p * p for p in self.patch_nums)
         self.rows, self.heads, self.head_dim, self.dtype, self.device = rows, heads, head_dim, dtype, device
         self.observer = observer
         self.scale = 0
         self.similarities: dict[int, dict[int, float]] = {}
-        self.workspace = Workspace(rows, heads, head_dim, workspace_tokens, dtype, device) if workspace_tokens else None
-        self.layers = [LayerKV(self, i, c) for i, c in enumerate(capacities)]
+        if pool is not None and not pool.fits(rows, capacities, workspace_tokens, dtype):
+            pool = None  # another plan or a larger batch than the pool holds: allocate for this batch
+        self.pooled = pool is not None
+        # growth is legitimate only when the plan is a profile's, not the worst case
+        self.allow_growth = getattr(policy, "planned", None) is not None
+        self.unplanned_bytes = 0
+        self.workspace = Workspace(rows, heads, head_dim, workspace_tokens, dtype, device, pool) \
+            if workspace_tokens else None
+        self.layers = [LayerKV(self, i, c, pool) for i, c in enumerate(capacities)]
+        self.planned_bytes = self._held_bytes()
         self._stored_tokens = [0] * len(capacities)
         self.peak_stored_tokens = 0
         self.kept_after_scale: list[list[list[int]]] = []  # [scale][layer] -> kept scale indices
@@ -172,10 +239,14 @@ class KVCache:
         """Bytes of one token position across K and V, all rows and heads."""
         return 2 * self.rows * self.heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-    @property
-    def allocated_bytes(self) -> int:
+    def _held_bytes(self) -> int:
         ws = self.workspace.nbytes if self.workspace is not None else 0
         return sum(layer.nbytes for layer in self.layers) + ws
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The planned buffers (pool views or this batch's own) plus any buffer grown beyond the plan."""
+        return self.planned_bytes + self.unplanned_bytes
 
     @property
     def peak_stored_bytes(self) -> int:
@@ -183,3 +254,8 @@ class KVCache:
 
     def expansions(self) -> dict[int, int]:
         return {layer.layer: layer.state.expanded_at for layer in self.layers if layer.state.expanded_at is not None}
+
+    def unplanned_expansions(self) -> list[int]:
+        """Layers that expanded although the allocation plan (a profile's flags) did not reserve it."""
+        is_planned = getattr(self.policy, "is_planned", lambda layer: True)
+        return [layer for layer in self.expansions() if not is_planned(layer)]

@@ -34,6 +34,14 @@ EXPECTED = {
     "KV_VANILLA_PER_IMAGE": ("amskv_kv_cache_vanilla_bytes_per_image", "gauge", ("model",)),
     "KV_REDUCTION": ("amskv_kv_cache_reduction_ratio", "gauge", ()),
     "KV_USAGE_RATIO": ("amskv_kv_cache_usage_ratio", "gauge", ()),
+    "KV_RESERVED": ("amskv_kv_cache_reserved_bytes", "gauge", ()),
+    "KV_ACTIVATION_RESERVE": ("amskv_kv_cache_activation_reserve_bytes", "gauge", ()),
+    "KV_POOL_IMAGES": ("amskv_kv_cache_pool_images", "gauge", ()),
+    "BATCH_CAP": ("amskv_batch_cap_images", "gauge", ()),
+    "KV_UNPLANNED_EXPANSIONS": ("amskv_kv_cache_unplanned_expansions", "counter", ()),
+    "KV_PROFILE": ("amskv_kv_profile_info", "gauge", ("source",)),
+    "KV_PROFILE_DEMANDING_LAYERS": ("amskv_kv_profile_demanding_layers", "gauge", ()),
+    "KV_PROFILE_THETA": ("amskv_kv_profile_theta", "gauge", ()),
     "READY": ("amskv_ready", "gauge", ()),
     "DRAINING": ("amskv_draining", "gauge", ()),
     "BUILD_INFO": ("amskv_build_info", "gauge", ("version", "model", "policy", "dtype", "device")),
@@ -71,6 +79,12 @@ def touch_every_metric() -> None:
     metrics.KV_VANILLA_PER_IMAGE.labels(model="var-d16").set(1e7)
     metrics.KV_REDUCTION.set(0.6)
     metrics.KV_USAGE_RATIO.set(0.5)
+    metrics.KV_UNPLANNED_EXPANSIONS.inc()
+    metrics.set_kv_profile("calibrated", 3, 0.71)
+    metrics.KV_RESERVED.set(2**28)
+    metrics.KV_ACTIVATION_RESERVE.set(2**20)
+    metrics.KV_POOL_IMAGES.set(64)
+    metrics.BATCH_CAP.set(64)
     metrics.READY.set(1)
     metrics.DRAINING.set(0)
     metrics.set_build_info("0.1.0", "var-d16", "amskv", "bf16", "cuda")

@@ -1,0 +1,166 @@
+"""The KV-cache manager: owns the memory budget, the preallocated KV pool and the batch cap.
+
+In the manner of vLLM's KV manager, one object answers "how many images fit now?" and runs batches in
+memory it allocated once:
+
+- **Budget.** On CUDA: the device's free memory plus the blocks our caching allocator holds but no tensor
+  uses (reusable, though not "free"), times ``gpu_mem_fraction``, less the fixed activation reserve measured
+  at warm-up. On the CPU: the configured KV budget.
+- **Pool.** At warm-up the manager allocates K/V buffers once, for the largest admissible batch (KV plus
+  the per-image activations measured at warm-up), and every batch then uses views of them.
+- **Admission.** ``admissible()`` returns how many images fit now: the pool's images, the OOM cap, and on
+  CUDA the activations that today's free memory holds. 0 means no room; it is a value, not an exception.
+- **OOM cap.** ``note_oom(images)`` halves the cap below the failing size; after ``recover_after``
+  consecutive successful engine calls the cap doubles again, up to the pool's size.
+- **State.** ``state()`` is plain data (budget, reserved, used, bytes per image, cap, ...); the server turns
+  it into metrics. Only this module and the engine touch the device.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_IMAGES = 256  # hard ceiling on images in one engine call, whatever the memory allows
+
+
+@dataclass(frozen=True)
+class KVState:
+    device: str
+    budget_bytes: int  # what KV (and, on CUDA, the activations) may use now, the pool included
+    reserved_bytes: int  # the KV pool, allocated once
+    used_bytes: int  # the running batch's share of the pool plus any unplanned growth; 0 when idle
+    bytes_per_image: int  # KV bytes of one image under the policy's plan
+    activation_reserve_bytes: int  # fixed part of the activation peak (CUDA; 0 on the CPU)
+    activation_bytes_per_image: int  # per-image part of the activation peak (CUDA; 0 on the CPU)
+    pool_images: int  # the largest batch the pool holds
+    cap: int  # the batch cap after OOM back-off (pool_images when no OOM is pending)
+    admissible: int  # images that fit now (0 = no room)
+    unplanned_expansions: int  # online AMS-KV layer expansions beyond the profile, since start
+
+
+class KVCacheManager:
+    def __init__(self, engine: Any, *, max_batch: int = MAX_IMAGES, cpu_budget_bytes: int = 2**30,
+                 gpu_mem_fraction: float = 0.9, recover_after: int = 8) -> None:
+        if not 1 <= max_batch <= MAX_IMAGES or recover_after < 1 or not 0 < gpu_mem_fraction <= 1:
+            raise ValueError("need 1 <= max_batch <= 256, recover_after >= 1 and 0 < gpu_mem_fraction <= 1")
+        self.engine = engine
+        self.device: torch.device = engine.device
+        self.max_batch, self.cpu_budget_bytes = max_batch, cpu_budget_bytes
+        self.gpu_mem_fraction, self.recover_after = gpu_mem_fraction, recover_after
+        self.bytes_per_image = engine.kv_bytes_per_image()
+        self.activation_reserve = 0
+        self.activation_per_image = 0
+        self.pool = None
+        self.pool_images = 0
+        self.cap = 0
+        self._successes = 0
+        self._used = 0
+        self.unplanned_expansions = 0
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    # --- warm-up ------------------------------------------------------------------------------------
+    def warm_up(self, params: Any) -> None:
+        """First-call allocations and kernels; on CUDA measure the activation peak at 1 and 2 images and
+        extrapolate linearly. Then allocate the pool for the largest admissible batch. Raises ValueError
+        when the budget holds no image."""
+        self.engine.generate([0], [0], [params])
+        if self.on_cuda:
+            peak1, peak2 = self._measure_peak([0], params), self._measure_peak([0, 1], params)
+            self.activation_per_image = max(0, peak2 - peak1)
+            self.activation_reserve = max(0, peak1 - self.activation_per_image)
+        budget = self._free_budget()
+        per_image = self.bytes_per_image + self.activation_per_image
+        images = min(self.max_batch, budget // per_image if per_image else self.max_batch)
+        if images < 1:
+            raise ValueError(
+                f"the KV budget ({budget} bytes) holds no image ({self.bytes_per_image} bytes of KV each"
+                f"{f' plus {self.activation_per_image} of activations' if self.activation_per_image else ''}); "
+                "raise AMSKV_KV_BUDGET_GIB or AMSKV_GPU_MEM_FRACTION")
+        self.pool = self.engine.new_pool(images)
+        self.pool_images = self.cap = images
+        logger.info("KV pool: %d images, %.2f MiB (%.3f MiB per image); activation reserve %.1f MiB + %.2f MiB "
+                    "per image", images, self.pool.nbytes / 2**20, self.bytes_per_image / 2**20,
+                    self.activation_reserve / 2**20, self.activation_per_image / 2**20)
+
+    def _measure_peak(self, labels: list[int], params: Any) -> int:
+        """Peak device bytes above the baseline for one batch, KV cache excluded."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        result = self.engine.generate(labels, labels, [params] * len(labels))
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - baseline - int(result.kv_allocated_bytes))
+
+    def _free_budget(self) -> int:
+        """Bytes available beyond what is allocated now (the pool, once it exists, is allocated)."""
+        if not self.on_cuda:
+            return self.cpu_budget_bytes - (self.pool.nbytes if self.pool is not None else 0)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        reusable = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return max(0, int((free + reusable) * self.gpu_mem_fraction) - self.activation_reserve)
+
+    # --- admission ----------------------------------------------------------------------------------
+    def admissible(self) -> int:
+        """Images that fit now: 0 before warm-up or when the device cannot hold one image's activations."""
+        if self.pool is None:
+            return 0
+        fits = min(self.pool_images, self.cap)
+        if self.on_cuda and self.activation_per_image:
+            fits = min(fits, self._free_budget() // self.activation_per_image)
+        return max(0, fits)
+
+    def generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any]) -> Any:
+        """Run one engine call in the pool. Raises torch.OutOfMemoryError (see ``note_oom``) or ValueError
+        when more images are given than the pool holds."""
+        if self.pool is None or len(labels) > self.pool_images:
+            raise ValueError(f"{len(labels)} images exceed the KV pool ({self.pool_images} images)")
+        self._used = self.bytes_per_image * len(labels)
+        try:
+            result = self.engine.generate(list(labels), list(seeds), list(params), pool=self.pool)
+        finally:
+            self._used = 0
+        self.unplanned_expansions += len(result.unplanned_expansions)
+        self._successes += 1
+        if self._successes >= self.recover_after and self.cap < self.pool_images:
+            self.cap = min(self.pool_images, self.cap * 2)
+            self._successes = 0
+            logger.info("raised the batch cap to %d images after %d successful batches", self.cap, self.recover_after)
+        return result
+
+    def note_oom(self, images: int) -> int:
+        """An engine call of ``images`` images ran out of memory: cap later calls below it. Returns the cap."""
+        self._successes = 0
+        self.cap = max(1, min(self.cap, math.ceil(images / 2)))
+        if self.on_cuda:
+            torch.cuda.empty_cache()  # give the failed call's blocks back before the retry
+        return self.cap
+
+    # --- reporting ----------------------------------------------------------------------------------
+    def state(self) -> KVState:
+        reserved = self.pool.nbytes if self.pool is not None else 0
+        return KVState(
+            device=str(self.device), budget_bytes=reserved + self._free_budget() if self.on_cuda else self.cpu_budget_bytes,
+            reserved_bytes=reserved, used_bytes=self._used, bytes_per_image=self.bytes_per_image,
+            activation_reserve_bytes=self.activation_reserve, activation_bytes_per_image=self.activation_per_image,
+            pool_images=self.pool_images, cap=self.cap, admissible=self.admissible(),
+            unplanned_expansions=self.unplanned_expansions)
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device; the server asks here so that only the library touches torch.cuda."""
+    return torch.cuda.is_available()
+
+
+def device_reserved_bytes() -> int:
+    """Bytes the CUDA caching allocator holds (0 without CUDA), for servers that report device memory."""
+    return torch.cuda.memory_reserved() if torch.cuda.is_available() else 0

@@ -1,0 +1,112 @@
+"""Calibration at load: measured on the golden tiny model and the demo, cached by content hash, reused."""
+import json
+
+import pytest
+
+from amskv.engine import Engine
+from amskv.kvcache.calibration import CalibrationSettings, calibrate_engine, demanding_count
+from amskv.kvcache.policy import make_policy
+from amskv.kvcache.profile import read_profile
+
+
+def ranking(values):
+    return sorted(range(len(values)), key=lambda i: values[i])
+
+
+@pytest.fixture(scope="module")
+def calibrated(golden_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("profiles")
+    engine = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static",
+                         profile_cache_dir=cache)
+    return engine, cache
+
+
+def test_golden_model_is_calibrated_at_load_by_the_documented_rule(calibrated):
+    engine, cache = calibrated
+    resolution, profile = engine.profile_resolution, engine.profile
+    assert resolution.source == "calibrated" and resolution.seconds > 0
+    assert profile.test_scales == (6, 7) and profile.samples == CalibrationSettings().images
+    # the rule: round(0.25 * depth) layers, at least one; the least similar ones at the test scales
+    assert sum(profile.demanding) == demanding_count(2, 0.25) == 1
+    assert profile.demanding[ranking(profile.layer_similarity)[0]]
+    assert engine.policy.demanding == profile.demanding and engine.demanding_layers() == \
+        [i for i, d in enumerate(profile.demanding) if d]
+    info = engine.kv_cache_info()
+    assert info["profile_source"] == "calibrated" and info["theta"] == profile.theta
+    assert info["bytes_per_image"] < engine.with_policy("amskv-static").kv_bytes_per_image()  # not all demanding
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1 and read_profile(files[0]).demanding == profile.demanding
+
+
+def test_a_restart_reuses_the_cached_profile(calibrated, golden_dir):
+    engine, cache = calibrated
+    again = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv", profile_cache_dir=cache)
+    assert again.profile_resolution.source == "cached" and again.profile_resolution.seconds == 0
+    assert again.profile.demanding == engine.profile.demanding
+    assert again.policy.planned == engine.profile.demanding  # online AMS-KV plans for the profile
+    assert again.policy.theta == engine.profile.theta  # the 256 px layout has no measured theta of its own
+
+
+def test_a_corrupt_cache_file_is_recalibrated(golden_dir, tmp_path):
+    def load():
+        return Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static",
+                           profile_cache_dir=tmp_path, calibration=CalibrationSettings(images=2, batch=2))
+
+    assert load().profile_resolution.source == "calibrated"
+    (cached,) = tmp_path.glob("*.json")
+    cached.write_text("{not json")
+    assert load().profile_resolution.source == "calibrated"
+    assert json.loads(cached.read_text())["format"] == "amskv-profile/1"
+    assert load().profile_resolution.source == "cached"
+
+
+def test_other_calibration_parameters_get_another_cache_file(calibrated, golden_dir):
+    _, cache = calibrated
+    engine = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static",
+                         policy_args={"c_min": 120}, profile_cache_dir=cache,
+                         calibration=CalibrationSettings(images=2, batch=2))
+    assert engine.profile_resolution.source == "calibrated"
+    assert len(list(cache.glob("*.json"))) == 2
+
+
+def test_the_time_cap_stops_after_the_first_batch(golden_engine):
+    policy = make_policy("amskv", golden_engine.config.patch_nums)
+    profile = calibrate_engine(golden_engine, policy, CalibrationSettings(images=8, batch=2, time_limit_s=1e-9))
+    assert profile.samples == 2 and len(profile.layer_similarity) == 2
+
+
+def test_profile_off_file_and_bundled_sources(golden_dir, tmp_path):
+    off = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static", profile="off")
+    assert off.kv_cache_info()["profile_source"] == "none" and off.demanding_layers() == [0, 1]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"format": "amskv-profile/1", "depth": 2, "demanding": [False, True], "theta": 0.5}))
+    given = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static", profile=path)
+    assert given.kv_cache_info()["profile_source"] == "file" and given.demanding_layers() == [1]
+    demo = Engine.load(policy="amskv-static")
+    assert demo.kv_cache_info()["profile_source"] == "file" and demo.demanding_layers() == [0]
+    full = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="full")
+    assert full.kv_cache_info()["profile_source"] == "none" and full.demanding_layers() == []
+    path.write_text(json.dumps({"format": "amskv-profile/1", "demanding": [True, False, True]}))
+    with pytest.raises(ValueError, match="3 layers but the model has 2"):
+        Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static", profile=path)
+
+
+def test_demo_calibration_reproduces_the_shipped_profile_and_both_measures_agree():
+    demo = Engine.load(policy="full")
+    shipped = read_profile(demo.profile_resolution.path or _demo_profile())
+    profile = calibrate_engine(demo, make_policy("amskv", demo.config.patch_nums), CalibrationSettings(images=16))
+    assert profile.test_scales == shipped.test_scales == (4, 5)
+    assert profile.demanding == shipped.demanding == (True, False, False, False)
+    # the method's negative L2 and the cosine used online rank the demo's layers the same
+    assert ranking(profile.layer_similarity) == ranking(profile.layer_similarity_neg_l2)
+
+
+def test_both_measures_rank_the_golden_layers_the_same(calibrated):
+    profile = calibrated[0].profile
+    assert len(profile.layer_similarity_neg_l2) == 2
+    assert ranking(profile.layer_similarity) == ranking(profile.layer_similarity_neg_l2)
+
+
+def _demo_profile():
+    from importlib import resources
+    return resources.files("amskv") / "weights" / "demo_profile.json"
