@@ -375,6 +375,20 @@ def test_dashboard_covers_the_service_signals():
     assert quantiles == {"0.5", "0.95", "0.99"}
 
 
+def test_dashboard_shows_each_replica_with_units_and_value_mappings():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    for panel in panels:
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults.get("unit"), f"panel {panel['title']!r} has no unit"
+        assert defaults.get("mappings"), f"panel {panel['title']!r} has no value mappings"
+    per_replica = {name for expr in dashboard_expressions() if "by (instance" in expr
+                   for name, _ in metric_selectors(expr)}
+    assert {"up", "amskv_ready", "amskv_requests_total", "process_resident_memory_bytes", "process_cpu_seconds_total",
+            "amskv_device_memory_reserved_bytes", "amskv_build_info",
+            "amskv_last_batch_completed_timestamp_seconds", "amskv_queue_oldest_age_seconds"} <= per_replica
+    assert any("by (instance, status)" in expr and "amskv_requests_total" in expr for expr in dashboard_expressions())
+
+
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_mount():
     datasource = yaml.safe_load((REPO / "docker/grafana/provisioning/datasources/prometheus.yaml").read_text())
     (source,) = datasource["datasources"]
