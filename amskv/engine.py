@@ -20,6 +20,7 @@ from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_pol
 from amskv.kvcache.profile import CalibrationProfile, read_profile
 from amskv.kvcache.storage import KVPool
 from amskv.memory import DTYPES, KVMemory, kv_memory, max_batch
+from amskv.model.invariant import set_batch_invariant
 from amskv.model.loading import CheckpointError, load_pair
 from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
@@ -99,6 +100,8 @@ class Engine:
         self.channels = vae.config.in_channels
         self.decode_chunk = DECODE_CHUNK.get(device.type, 8)
         self.profile_resolution = ProfileResolution(None, "none")
+        set_batch_invariant(var, True)  # an image must not depend on its batch mates (amskv/model/invariant.py)
+        set_batch_invariant(vae, True)
 
     @classmethod
     def load(cls, var_path: str | Path | None = None, vae_path: str | Path | None = None, *,
