@@ -110,6 +110,7 @@ def test_k_failed_batches_in_a_row_end_the_process(tmp_path):
         assert post(srv.base, {"class_labels": [1]}).status_code == 500
         assert post(srv.base, {"class_labels": [1]}).status_code == 200  # a success resets the count
         assert httpx.get(f"{srv.base}/livez").status_code == 200
+        assert srv.metric("amskv_last_batch_completed_timestamp_seconds") > 0  # the heartbeat
         srv.set_faults(fail_batches=2)
         assert post(srv.base, {"class_labels": [1]}).status_code == 500
         assert post(srv.base, {"class_labels": [1]}).status_code == 500
