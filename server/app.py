@@ -9,7 +9,9 @@ import asyncio
 import importlib.metadata
 import json
 import logging
+import os
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +39,9 @@ from server.worker import FaultPlan, InferenceWorker
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; the client never sees it, the metrics do
+STARTUP_FAILED_EXIT = 3  # uvicorn's own status for a failed lifespan start-up, kept for scripts that test it
+FATAL_EXIT = 70  # EX_SOFTWARE: the worker died, stalled, hit a CUDA error or failed K batches in a row
+WATCH_INTERVAL_S = 0.5
 
 
 class Service:
@@ -49,15 +54,35 @@ class Service:
         self.faults = FaultPlan() if settings.fault_injection else None
         self.worker = worker_factory(self.batcher, self.faults)
         self.catalog: ClassCatalog | None = None
+        self.startup_error: str | None = None
+        self.exit_code = 0  # set when the service asks the server to exit (cli.run returns it)
+
+    def fatal_reason(self) -> str | None:
+        """Why this process must be replaced (/livez 503, then exit), or None while it can still serve."""
+        if self.startup_error is not None:
+            return self.startup_error
+        if self.worker.died:
+            return self.worker.death_reason or "the inference worker died"
+        stalled_s = self.worker.stalled_s()
+        if stalled_s > self.settings.worker_stall_timeout_s:
+            return (f"one batch has run for {stalled_s:.0f} s, over AMSKV_WORKER_STALL_TIMEOUT_S="
+                    f"{self.settings.worker_stall_timeout_s:.0f}")
+        return None
 
     def health(self) -> tuple[str, str | None]:
-        if self.worker.died:
-            return "UNHEALTHY", "the inference worker died"
+        fatal = self.fatal_reason()
+        if fatal is not None:
+            return "UNHEALTHY", fatal
         if self.batcher.draining:
             return "DRAINING", None
         if not self.worker.ready or self.catalog is None:
             return "STARTING", None
         return "READY", None
+
+    def require_loaded(self) -> None:
+        """Model-describing routes answer 503 not_ready until load and warm-up are done."""
+        if self.worker.info is None or self.catalog is None:
+            raise Unavailable("the model is still loading; retry shortly", code="not_ready", retry_after_s=5)
 
     def check_accepting(self) -> None:
         status, detail = self.health()
@@ -102,7 +127,7 @@ def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    from amskv.kvcache.manager import cuda_available
+    from amskv.kvcache.manager import cuda_available, device_reserved_bytes
     from amskv.sampling import SamplingParams
     device = settings.resolved_device(cuda_available())
     dtype = settings.resolved_dtype(device)
@@ -115,18 +140,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         service = Service(settings, make_worker)
         app.state.service = service
+        metrics.watch_service(settings.max_batch, service.batcher.oldest_queued_age_s,
+                              lambda: service.batcher.running_requests,
+                              device_reserved_bytes if device == "cuda" else None)
         service.worker.start()
-        try:
-            await asyncio.to_thread(service.worker.wait_started)
-        except Exception as exc:
-            logger.error("start-up failed: %s", exc)
-            raise
-        info = service.worker.info
-        service.catalog = ClassCatalog.for_model(info.num_classes)
-        metrics.start_model_series(info.model_name)
-        metrics.set_build_info(_version(), info.model_name, info.policy, info.dtype, info.device)
-        metrics.READY.set(1)
+        # The port opens now: while the engine loads and warms up, /livez is 200, /readyz 503 STARTING
+        # and /metrics answers; the watchdog finishes start-up and later exits on a fatal state.
+        watchdog = asyncio.create_task(_start_then_watch(app, service))
         yield
+        watchdog.cancel()
         await service.drain()
         service.batcher.close(Unavailable("server shut down", code="draining", retry_after_s=5))
         await asyncio.to_thread(service.worker.stop)
@@ -153,6 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
         service: Service = request.app.state.service
+        service.require_loaded()
         info = service.worker.info
         return ModelList(data=[ModelCard(
             id=info.model_name, num_classes=info.num_classes, resolution=info.resolution,
@@ -164,12 +187,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/classes", response_model=ClassList)
     async def classes(request: Request) -> ClassList:
         service: Service = request.app.state.service
+        service.require_loaded()
         data = [ClassInfo(index=e.index, wnid=e.wnid, names=list(e.names)) for e in service.catalog.entries]
         return ClassList(model=service.worker.info.model_name, data=data)
 
-    @app.get("/livez", response_model=HealthStatus)
-    async def livez() -> HealthStatus:
-        return HealthStatus(status="READY")
+    @app.get("/livez", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
+    async def livez(request: Request) -> JSONResponse:
+        """200 while the process can still serve (loading included); 503 once only a restart helps."""
+        fatal = request.app.state.service.fatal_reason()
+        body = HealthStatus(status="UNHEALTHY" if fatal else "READY", detail=fatal).model_dump()
+        return JSONResponse(body, status_code=503 if fatal else 200)
 
     @app.get("/readyz", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
     async def readyz(request: Request) -> JSONResponse:
@@ -195,6 +222,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return faults.update(**changes)
 
     return app
+
+
+async def _start_then_watch(app: FastAPI, service: Service) -> None:
+    """Wait (bounded) for load + warm-up, publish the model, then exit the process on a fatal state."""
+    settings = service.settings
+    try:
+        await asyncio.to_thread(service.worker.wait_started, settings.load_timeout_s)
+    except Exception as exc:
+        if isinstance(exc, TimeoutError):
+            exc = TimeoutError(f"load and warm-up did not finish within AMSKV_LOAD_TIMEOUT_S={settings.load_timeout_s:g} s")
+        service.startup_error = f"start-up failed: {exc}"
+        logger.error("start-up failed: %s", exc)
+        _request_exit(app, service, STARTUP_FAILED_EXIT)
+        return
+    info = service.worker.info
+    service.catalog = ClassCatalog.for_model(info.num_classes)
+    metrics.start_model_series(info.model_name)
+    metrics.set_build_info(_version(), info.model_name, info.policy, info.dtype, info.device)
+    metrics.READY.set(1)
+    while (reason := service.fatal_reason()) is None:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+    metrics.READY.set(0)
+    logger.critical("fatal: %s; exiting with status %d in %.0f s so that a restart replaces this process",
+                    reason, FATAL_EXIT, settings.fatal_exit_delay_s)
+    await asyncio.sleep(settings.fatal_exit_delay_s)  # /livez answers 503 meanwhile
+    _request_exit(app, service, FATAL_EXIT)
+
+
+def _request_exit(app: FastAPI, service: Service, code: int) -> None:
+    """Ask the server to shut down; `amskv serve` (server/cli.py) then exits with ``code``."""
+    service.exit_code = code
+    request_exit = getattr(app.state, "request_exit", None)
+    if request_exit is not None:
+        request_exit()
+    else:  # plain `uvicorn --factory`: its SIGTERM handling shuts down (with status 0; prefer amskv serve)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _version() -> str:

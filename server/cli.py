@@ -110,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
     server = DrainingServer(config, app)
     try:
         server.run()
-    except SystemExit as exc:  # uvicorn exits 3 when the lifespan (engine load) fails
+    except SystemExit as exc:  # uvicorn exits 3 when the lifespan fails (or the port cannot be bound)
         return int(exc.code or 0)
+    service = getattr(app.state, "service", None)
+    if service is not None and service.exit_code:
+        return service.exit_code  # 3: load or warm-up failed or timed out; 70: a fatal state
     return 0 if server.started else 3
 
 
@@ -123,6 +126,12 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        # Called on the event loop by the app on a fatal state or a failed start-up: shut down, no drain
+        # (there is no worker left to finish the queue); run() then returns the service's exit code.
+        app.state.request_exit = self._exit_now
+
+    def _exit_now(self) -> None:
+        self.should_exit = True
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()

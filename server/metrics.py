@@ -43,11 +43,12 @@ TIMEOUT_STAGES = ("queued", "running")
 FAILURE_REASONS = ("error", "oom")
 BATCH_STAGES = ("ar", "decode")
 
-# Bucket choices (serving-notes 7.2): an image request takes from ~0.1 s (one image, idle GPU) to
-# minutes (a 256-image request behind a full queue); the library default stops at 10 s.
-REQUEST_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
-QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-BATCH_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+# Bucket choices (serving-notes 7.2): an image request takes from ~0.05 s (the CPU demo model, one image)
+# to minutes (a d30 batch of 256 behind a full queue); the library default stops at 10 s. Queue waits
+# reach the 120 s request timeout; a stage of one batch spans a CPU demo decode (ms) to a d30 batch (~35 s+).
+REQUEST_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 90, 120, 180)
+BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # Powers of two plus 192: the batch sizes a compiled/graph-captured model would be padded to.
 IMAGE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
 
@@ -101,7 +102,8 @@ KV_BUDGET = Gauge(
     registry=REGISTRY,
 )
 KV_USED = Gauge(
-    "amskv_kv_cache_used_bytes", "KV-cache bytes held by the running batch.", registry=REGISTRY,
+    "amskv_kv_cache_used_bytes",
+    "KV-cache bytes the latest engine call allocated; kept after the batch ends until the next one.", registry=REGISTRY,
 )
 KV_PER_IMAGE = Gauge(
     "amskv_kv_cache_bytes_per_image", "KV-cache bytes one image needs under the active policy.",
@@ -116,7 +118,8 @@ KV_REDUCTION = Gauge(
     registry=REGISTRY,
 )
 KV_USAGE_RATIO = Gauge(
-    "amskv_kv_cache_usage_ratio", "KV-cache used bytes / budget bytes (0..1).", registry=REGISTRY,
+    "amskv_kv_cache_usage_ratio",
+    "The latest engine call's KV bytes / the budget (0..1); kept after the batch ends until the next one.", registry=REGISTRY,
 )
 # The KV-cache manager's state (amskv/kvcache/manager.py KVState) and the calibration profile.
 PROFILE_SOURCES = ("calibrated", "cached", "file", "none")  # = amskv.kvcache.calibration.PROFILE_SOURCES
@@ -183,7 +186,8 @@ BUILD_INFO = Gauge(
 
 # --- histograms -------------------------------------------------------------------------------------
 REQUEST_DURATION = Histogram(
-    "amskv_request_duration_seconds", "End-to-end duration of generate requests.",
+    "amskv_request_duration_seconds",
+    "End-to-end duration of generate requests answered 2xx (rejections and errors are counted in amskv_requests_total).",
     ["endpoint"], buckets=REQUEST_DURATION_BUCKETS, registry=REGISTRY,
 )
 QUEUE_WAIT = Histogram(
@@ -218,6 +222,15 @@ for _source in PROFILE_SOURCES:
     KV_PROFILE.labels(source=_source)
 for _endpoint in GENERATE_ENDPOINTS:
     REQUEST_DURATION.labels(endpoint=_endpoint)
+
+
+def watch_service(max_batch: int, oldest_queued_age_s, running_requests, device_memory_bytes=None) -> None:
+    """Bind the gauges read at scrape time to the live service (callables), and the configured batch cap."""
+    BATCH_MAX_CONFIGURED.set(max_batch)
+    QUEUE_OLDEST_AGE.set_function(oldest_queued_age_s)
+    RUNNING_REQUESTS.set_function(running_requests)
+    if device_memory_bytes is not None:
+        DEVICE_MEMORY_RESERVED.set_function(device_memory_bytes)
 
 
 def start_model_series(model: str) -> None:

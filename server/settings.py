@@ -49,7 +49,17 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(1024, ge=1)
     max_images_per_request: int = Field(256, ge=1, le=MAX_BATCH_CEILING)
     request_timeout_s: float = Field(120.0, gt=0)
-    drain_timeout_s: float = Field(30.0, ge=0)
+    # At least one full batch of the served model (docs/deploy.md, "Lifecycle timing"): d16 at 256 images
+    # takes ~10 s on an H100-class GPU, d30 ~35 s; the compose and Kubernetes grace periods follow from it.
+    drain_timeout_s: float = Field(60.0, ge=0)
+
+    # Fatal states: the process exits non-zero so the restart policy or the liveness probe replaces it.
+    load_timeout_s: float = Field(1800.0, gt=0, description="model load + calibration + warm-up must end in this")
+    max_consecutive_failures: int = Field(3, ge=1, description="batches failing in a row before the process exits")
+    worker_stall_timeout_s: float = Field(
+        600.0, gt=0, description="one batch running longer than this makes /livez 503 and the process exit")
+    fatal_exit_delay_s: float = Field(
+        2.0, ge=0, le=300, description="after a fatal state, /livez is 503 this long before the process exits")
 
     # Memory.
     kv_budget_gib: float = Field(1.0, gt=0, description="KV budget on cpu, GiB")
@@ -68,6 +78,8 @@ class Settings(BaseSettings):
 
     # Test-only fault injection; never enable in production.
     fault_injection: bool = False
+    fault_load_delay_s: float = Field(0.0, ge=0, description="test-only, with AMSKV_FAULT_INJECTION=1: wait this "
+                                      "long before loading (a slow start-up; stopping the server ends it)")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -25,6 +25,7 @@ from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+WORKER_JOIN_S = 10.0  # shutdown waits this long for the running batch after the drain (docs/deploy.md)
 IDLE_POLL_S = 0.25  # how often an idle loop re-reads the budget and checks for stop/faults
 
 
@@ -49,6 +50,18 @@ class InjectedFault(RuntimeError):
 
 class WorkerKilled(Exception):
     """Ends the inference thread on purpose (test-only fault)."""
+
+
+class FatalWorkerError(Exception):
+    """A state a restart fixes and this process cannot: a CUDA error, or K batches failing in a row."""
+
+
+def is_cuda_error(exc: BaseException) -> bool:
+    """A device error that leaves the CUDA context unusable (an OOM is not one: it is split and retried)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
 class FaultPlan:
@@ -134,6 +147,9 @@ class InferenceWorker:
         self._stop = threading.Event()
         self._startup_error: BaseException | None = None
         self._died = False
+        self.death_reason: str | None = None  # why the thread ended; /livez and the exit watchdog report it
+        self.heartbeat = time.monotonic()  # the loop's latest turn; it goes stale only while one batch runs
+        self._consecutive_failures = 0
         self.manager: Any = None  # amskv.kvcache.manager.KVCacheManager, made on this thread after loading
         self.info: EngineInfo | None = None
         self.max_images = 0  # the cap used for the latest batch
@@ -149,7 +165,7 @@ class InferenceWorker:
         if self._startup_error is not None:
             raise self._startup_error
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = WORKER_JOIN_S) -> None:
         self._stop.set()
         if self.faults is not None:
             self.faults.stop()
@@ -159,6 +175,12 @@ class InferenceWorker:
     def ready(self) -> bool:
         return self.info is not None and self._thread.is_alive() and not self._died
 
+    def stalled_s(self) -> float:
+        """Seconds the loop has been stuck in one turn (a batch running), 0 when idle or not started."""
+        if self.info is None or self._died:
+            return 0.0
+        return max(0.0, time.monotonic() - self.heartbeat)
+
     @property
     def died(self) -> bool:
         return self._died
@@ -166,6 +188,10 @@ class InferenceWorker:
     # --- the thread -----------------------------------------------------------------------------
     def _main(self) -> None:
         try:
+            if self.settings.fault_injection and self.settings.fault_load_delay_s:
+                self._stop.wait(self.settings.fault_load_delay_s)  # test-only slow start-up
+                if self._stop.is_set():
+                    raise RuntimeError("stopped before the engine loaded")
             self._engine = self._load_engine()
             self._warm_up()
         except BaseException as exc:  # reported to the lifespan, which stops start-up
@@ -175,6 +201,7 @@ class InferenceWorker:
         self._started.set()
         try:
             while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
                 if self.faults is not None and self.faults.kill_worker:
                     raise WorkerKilled("inference thread killed by fault injection")
                 hold = self.faults.holds if self.faults is not None else None
@@ -185,8 +212,9 @@ class InferenceWorker:
                 plan = self.batcher.take_batch(fits, timeout_s=IDLE_POLL_S, hold=hold)
                 if plan is not None:
                     self._execute(plan)
-        except BaseException:
+        except BaseException as exc:
             logger.exception("the inference thread died; the server stops accepting work")
+            self.death_reason = f"the inference worker died: {exc}"
             self._died = True
             metrics.READY.set(0)
             self.batcher.close(Unavailable("the inference worker died; the server needs a restart",
@@ -238,17 +266,27 @@ class InferenceWorker:
         metrics.BATCH_RUNNING.set(count)
         metrics.BATCH_SIZE.observe(count)
         began = time.perf_counter()
+        fatal: str | None = None
         try:
             outputs = self._generate(plan.labels(), plan.seeds(), plan.params())
-        except Exception:
+            self._consecutive_failures = 0
+        except Exception as exc:
             logger.exception("batch %d (%d images) failed", plan.id, count)
+            cuda = is_cuda_error(exc)
             metrics.BATCH_FAILURES.labels(reason="error").inc()
+            self._consecutive_failures += 1
+            if cuda:
+                fatal = f"CUDA error (the device context is unusable): {exc}"
+            elif self._consecutive_failures >= self.settings.max_consecutive_failures:
+                fatal = f"{self._consecutive_failures} batches failed in a row"
             outputs = [JobFailed("image generation failed; the server log has details")] * count
         finally:
+            # KV_USED and KV_USAGE_RATIO keep the last batch's values so a near-budget alert can see them.
             metrics.BATCH_RUNNING.set(0)
-            metrics.KV_USED.set(0)
-            metrics.KV_USAGE_RATIO.set(0)
         self.batcher.complete(plan, outputs, time.perf_counter() - began)
+        metrics.LAST_BATCH_COMPLETED.set(time.time())
+        if fatal is not None:
+            raise FatalWorkerError(fatal)
 
     def _generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any]) -> list[Any]:
         """One output per image, in order: an image array, or OutOfMemory when even one image failed."""
