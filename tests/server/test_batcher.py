@@ -217,6 +217,16 @@ class FakeResult:
     kv_allocated_bytes: int
     seconds_ar: float = 0.01
     seconds_decode: float = 0.01
+    unplanned_expansions: tuple = ()
+
+
+@dataclass
+class FakePool:
+    images: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.images * KV_PER_IMAGE
 
 
 class FakeEngine:
@@ -238,7 +248,12 @@ class FakeEngine:
     def max_batch(self, budget_bytes: int, cap: int = 256) -> int:
         return min(cap, budget_bytes // KV_PER_IMAGE)
 
-    def generate(self, labels, seeds, params) -> FakeResult:
+    def new_pool(self, images: int) -> FakePool:
+        return FakePool(images)
+
+    def generate(self, labels, seeds, params, pool: FakePool | None = None) -> FakeResult:
+        if pool is not None and len(labels) > pool.images:
+            raise ValueError(f"{len(labels)} images exceed the pool of {pool.images}")
         self.calls.append(len(labels))
         if self.oom_above is not None and len(labels) > self.oom_above:
             raise torch.OutOfMemoryError("fake OOM")
