@@ -14,10 +14,19 @@ if ! [[ "$runs" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 cd "$(dirname "$0")/.."
+set -m  # job control: background jobs keep SIGINT, so pytest can be interrupted cleanly below
 
 python3 -c 'while True: pass' &
 busy=$!
-trap 'kill "$busy" 2>/dev/null; wait "$busy" 2>/dev/null' EXIT
+tests=""
+stop_all() {
+  # SIGINT lets pytest run its fixture teardown, which stops the servers it started
+  if [[ -n $tests ]]; then kill -INT "$tests" 2>/dev/null; wait "$tests" 2>/dev/null; fi
+  kill "$busy" 2>/dev/null
+  wait "$busy" 2>/dev/null
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
 
 log_dir="$(mktemp -d)"
 failed=0
@@ -25,12 +34,15 @@ began=$SECONDS
 for ((i = 1; i <= runs; i++)); do
   start=$SECONDS
   log="$log_dir/run-$i.log"
-  if python -m pytest -q -p no:cacheprovider tests/server tests/reliability >"$log" 2>&1; then
+  python -m pytest -q -p no:cacheprovider tests/server tests/reliability >"$log" 2>&1 &
+  tests=$!
+  if wait "$tests"; then
     status=pass
   else
     status=FAIL
     failed=$((failed + 1))
   fi
+  tests=""
   summary="$(grep -E '(passed|failed|error)' "$log" | tail -n 1)"
   printf 'run %d/%d %s: %s (%d s)\n' "$i" "$runs" "$status" "${summary:-no summary line, see $log}" $((SECONDS - start))
   if [[ $status == FAIL ]]; then echo "  log: $log"; else rm -f "$log"; fi
