@@ -8,6 +8,7 @@ A `Job` is one accepted request, counted in images. The batcher cuts jobs into `
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -58,6 +59,9 @@ class Job:
     inference_time_s: float = 0.0
     batch_images: int = 0
     batches: int = 0
+    preview_scales: frozenset[int] = frozenset()  # scales whose running image the client wants to see
+    # Called on the inference thread as on_preview(image_index, scale, image) for those scales (streaming).
+    on_preview: Callable[[int, int, Any], None] | None = None
 
     def __post_init__(self) -> None:
         if len(self.labels) != len(self.seeds) or not self.labels:

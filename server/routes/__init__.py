@@ -1,0 +1,1 @@
+"""HTTP routers, one module per surface; server/app.py includes them into the app it builds."""
