@@ -9,12 +9,12 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
 from amskv.config import VAR_PRESETS, VARConfig
-from amskv.generate import decode_images, generate_tokens, plan_pool
+from amskv.generate import decode_images, decode_previews, generate_tokens, plan_pool
 from amskv.kvcache.calibration import AUTO, OFF, CalibrationSettings, ProfileResolution, describe, resolve_profile
 from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_policy
 from amskv.kvcache.profile import CalibrationProfile, read_profile
@@ -74,6 +74,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+# on_preview(scale, rows, images): images are uint8 (len(rows), H, W, C) on the CPU, one per listed row.
+PreviewCallback = Callable[[int, list, torch.Tensor], None]
 
 
 @dataclass
@@ -225,19 +229,27 @@ class Engine:
 
     @torch.inference_mode()
     def generate_tokens(self, labels: Sequence[int], seeds: Sequence[int], params, observer=None,
-                        pool: KVPool | None = None):
+                        pool: KVPool | None = None, on_scale=None):
         params = self._validate(labels, seeds, params)
         lab = torch.tensor([int(c) for c in labels], dtype=torch.int64, device=self.device)
         sd = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=self.device)
         return generate_tokens(self.var, self.vae, lab, sd, RowParams.stack(params, self.device), self.policy,
-                               observer, pool)
+                               observer, pool, on_scale=on_scale)
 
     @torch.inference_mode()
     def generate(self, labels: Sequence[int], seeds: Sequence[int],
                  params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
-                 pool: KVPool | None = None) -> GenerationResult:
-        """Image i depends only on (labels[i], seeds[i], params[i]). ``pool``: reuse its KV buffers."""
-        res = self.generate_tokens(labels, seeds, params, pool=pool)
+                 pool: KVPool | None = None, previews: Sequence[Collection[int]] | None = None,
+                 on_preview: PreviewCallback | None = None) -> GenerationResult:
+        """Image i depends only on (labels[i], seeds[i], params[i]). ``pool``: reuse its KV buffers.
+
+        ``previews[i]``: the scales after which row i's running image is decoded and handed to
+        ``on_preview(si, rows, images)`` (uint8 (len(rows), H, W, C)); rows without previews cost nothing.
+        """
+        on_scale = None
+        if previews is not None and on_preview is not None and any(previews):
+            on_scale = self._preview_hook(previews, on_preview)
+        res = self.generate_tokens(labels, seeds, params, pool=pool, on_scale=on_scale)
         t0 = time.perf_counter()
         images = decode_images(self.vae, res.f_hat, res.tokens, ~res.smooth_rows, self.decode_chunk)
         return GenerationResult(images=images, tokens=[t.cpu() for t in res.tokens],
@@ -245,3 +257,13 @@ class Engine:
                                 kv_peak_stored_bytes=res.kv_peak_stored_bytes, seconds_ar=res.seconds,
                                 seconds_decode=time.perf_counter() - t0, expansions=res.expansions,
                                 unplanned_expansions=res.unplanned_expansions)
+
+    def _preview_hook(self, previews: Sequence[Collection[int]], on_preview: PreviewCallback):
+        wanted = [[row for row, scales in enumerate(previews) if si in scales] for si in range(self.config.num_scales)]
+
+        def on_scale(si: int, f_hat: torch.Tensor) -> None:
+            rows = wanted[si]
+            if rows:
+                index = torch.tensor(rows, dtype=torch.int64, device=f_hat.device)
+                on_preview(si, rows, decode_previews(self.vae, f_hat.index_select(0, index)))
+        return on_scale

@@ -53,12 +53,13 @@ def plan_pool(var: VAR, policy: KVPolicy, images: int, dtype: torch.dtype, devic
 @torch.no_grad()
 def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Tensor, params: RowParams,
                     policy: KVPolicy, observer=None, pool: KVPool | None = None,
-                    force_tokens=None) -> TokenResult:
+                    force_tokens=None, on_scale=None) -> TokenResult:
     """labels, seeds: (B,) int64 on the model's device.
 
     ``pool``: reuse its KV buffers instead of allocating. ``force_tokens(si, logits)``, for conformance tests:
     gets the raw (2B, pn^2, V) logits of every row (conditional rows, then unconditional, before CFG) and
-    returns the (B, pn^2) tokens to use instead of sampled ones.
+    returns the (B, pn^2) tokens to use instead of sampled ones. ``on_scale(si, f_hat)``, for previews: called
+    after scale si with the running (B, Cvae, pn_last, pn_last) f_hat, which it must not modify.
     """
     t0 = time.perf_counter()
     cfg, quant = var.config, vae.quantize
@@ -92,6 +93,8 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
             code = torch.where(params.more_smooth.view(B, 1, 1), soft, code)
         h_BChw = code.transpose(1, 2).reshape(B, cfg.cvae, pn, pn)  # (B, pn^2, Cv) -> (B, Cv, pn, pn)
         nxt = quant.next_autoregressive_input(si, f_hat, h_BChw)
+        if on_scale is not None:
+            on_scale(si, f_hat)
         if si != S - 1:
             pn_next = cfg.patch_nums[si + 1]
             nxt = nxt.view(B, cfg.cvae, -1).transpose(1, 2)  # (B, Cv, pn', pn') -> (B, pn'^2, Cv)
@@ -130,6 +133,17 @@ def decode_images(vae: VQVAE, f_hat: torch.Tensor, tokens: list[torch.Tensor] | 
         img = vae.fhat_to_img(part.to(dtype))[:n].float().add_(1).mul_(0.5)  # [-1, 1] -> [0, 1]
         out.append(img.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())  # (b, C, H, W) -> (b, H, W, C)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def decode_previews(vae: VQVAE, f_hat: torch.Tensor) -> torch.Tensor:
+    """The running f_hat of some rows as uint8 (n, H, W, C) images on the CPU, at the model's resolution.
+
+    One decoder call for all the rows; unlike ``decode_images`` it is not padded to a fixed batch, so a
+    preview's last bits may depend on how many rows asked for one (the final image never does).
+    """
+    img = vae.fhat_to_img(f_hat.to(vae.decoder.conv_in.weight.dtype)).float().add_(1).mul_(0.5)
+    return img.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def _padded(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -23,8 +23,8 @@ from server.classes import ClassCatalog
 from server.docs_ui import add_offline_docs
 from server.errors import Unavailable, register_exception_handlers
 from server.middleware import GENERATE_PATHS, RequestGuard, RequestMetrics
-from server.routes import catalog, faults, generate, health
-from server.schemas import GenerateRequest
+from server.routes import catalog, faults, generate, health, openai_images
+from server.schemas import GenerateRequest, ImagesGenerationRequest
 from server.service import Service
 from server.settings import Settings, get_settings
 from server.worker import FaultPlan, InferenceWorker
@@ -83,11 +83,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Class-conditional VAR image generation with the AMS-KV cache manager")
     add_offline_docs(app)
     register_exception_handlers(app, GenerateRequest.model_json_schema(),
-                                on_invalid=lambda request: _count_invalid(request))
+                                on_invalid=lambda request: _count_invalid(request),
+                                openai_schemas={openai_images.IMAGES_PATH: ImagesGenerationRequest.model_json_schema()})
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
 
-    for router in (generate.router, catalog.router, health.router):
+    for router in (generate.router, openai_images.router, catalog.router, health.router):
         app.include_router(router)
     if settings.fault_injection:
         app.include_router(faults.router)

@@ -103,6 +103,17 @@ class Batcher:
             return max(0.0, self._clock() - min(job.arrival for job in self._queue))
 
     @property
+    def queued_requests(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def running_images(self) -> int:
+        """Images in the batch on the device now."""
+        with self._cond:
+            return self._running.num_images if self._running is not None else 0
+
+    @property
     def running_requests(self) -> int:
         """Requests with images in the batch on the device now."""
         with self._cond:

@@ -160,9 +160,18 @@ def body_not_json(cause: BaseException) -> InvalidRequest:
     return InvalidRequest(f"request body is not valid JSON: {reason[:200]}", param="body")
 
 
+def as_bad_request(exc: InvalidRequest) -> InvalidRequest:
+    """OpenAI-compatible routes answer invalid requests with 400, as OpenAI's API does (not 422)."""
+    exc.status = 400
+    return exc
+
+
 def register_exception_handlers(app: FastAPI, body_schema: dict[str, Any] | None = None,
-                                on_invalid: Any = None) -> None:
-    """Install the handlers that produce the envelope; `on_invalid(request)` counts rejected bodies."""
+                                on_invalid: Any = None, openai_schemas: dict[str, dict[str, Any]] | None = None) -> None:
+    """Install the handlers that produce the envelope; `on_invalid(request)` counts rejected bodies.
+
+    `openai_schemas`: path -> body schema of the OpenAI-compatible routes, whose invalid bodies get 400.
+    """
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -172,6 +181,9 @@ def register_exception_handlers(app: FastAPI, body_schema: dict[str, Any] | None
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         if on_invalid is not None:
             on_invalid(request)
+        openai_schema = (openai_schemas or {}).get(request.url.path)
+        if openai_schema is not None:
+            return error_response(as_bad_request(validation_error(exc, openai_schema)))
         return error_response(validation_error(exc, body_schema))
 
     @app.exception_handler(StarletteHTTPException)

@@ -108,3 +108,8 @@ class BatchPlan:
 
     def params(self) -> list[Any]:
         return [s.job.params for s in self.slices for _ in range(s.count)]
+
+    def preview_targets(self) -> list[tuple[Job, int] | None]:
+        """Per image: (job, image index in the job) when its client wants previews, else None."""
+        return [(s.job, s.start + k) if s.job.preview_scales and s.job.on_preview is not None else None
+                for s in self.slices for k in range(s.count)]

@@ -37,7 +37,7 @@ PlatformCollector(registry=REGISTRY)
 REJECT_REASONS = ("queue_full", "too_many_images", "draining", "invalid", "not_ready", "body_too_large",
                   "unsupported_media_type")
 # The two paths of the generate endpoint (the `endpoint` label of the request metrics).
-GENERATE_ENDPOINTS = ("/v1/generate", "/generate")
+GENERATE_ENDPOINTS = ("/v1/generate", "/generate", "/v1/images/generations")  # the last: OpenAI's Images API
 CANCEL_STAGES = ("queued", "running")
 TIMEOUT_STAGES = ("queued", "running")
 FAILURE_REASONS = ("error", "oom")

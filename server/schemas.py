@@ -31,6 +31,8 @@ class GenerateRequest(BaseModel):
         "b64_json", description="png only when exactly one image is requested")
     priority: int = Field(1, ge=0, le=2, description="0 = most urgent")
     timeout_ms: int | None = Field(None, ge=1, description="may only shorten the server's request timeout")
+    stream: bool = Field(False, description="answer text/event-stream: a preview event per image and scale, "
+                         "then image events (b64_json only), then done (docs/api.md)")
 
 
 class ImageData(BaseModel):
@@ -124,4 +126,68 @@ ERROR_RESPONSES = {
         (500, "generation failed"), (503, "queue full, draining or not ready; see Retry-After"),
         (504, "generation did not finish before the request deadline"),
     ]
+}
+
+
+class ImagesGenerationRequest(BaseModel):
+    """Body of POST /v1/images/generations, OpenAI's Images API; our sampling fields are extras."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr | StrictInt = Field(..., description="one class: an index, a WordNet id or a class name",
+                                          examples=["seven"])
+    model: str | None = Field(None, description="the served model's id (GET /v1/models); omitted = that one")
+    n: int = Field(1, ge=1, le=MAX_BATCH_CEILING)
+    response_format: str = Field("b64_json", description="b64_json only; the server keeps no files to link to")
+    size: str = Field("auto", description="auto or the model's own resolution, e.g. 32x32")
+    stream: bool = Field(False, description="answer with image_generation.* Server-Sent Events")
+    partial_images: int = Field(0, ge=0, description="with stream: partial images per image, at most the "
+                                "number of scales - 1")
+    # OpenAI fields that this model has no choice in; accepted so unchanged clients work.
+    quality: Literal["auto", "standard", "low", "medium", "high"] | None = None
+    background: Literal["auto", "opaque"] | None = None
+    output_format: Literal["png"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    style: str | None = None
+    user: str | None = None
+    # Extras: the sampling fields of POST /v1/generate.
+    seed: int | None = Field(None, ge=0, le=SEED_MAX,
+                             description="image i uses (seed + i) mod 2**32; omitted = server picks one")
+    cfg_scale: float = Field(4.0, ge=0.0, le=CFG_MAX, allow_inf_nan=False)
+    top_k: int = Field(900, ge=0, description="0 = off; at most the vocabulary size")
+    top_p: float = Field(0.95, ge=0.0, le=1.0, allow_inf_nan=False)
+    more_smooth: bool = False
+    priority: int = Field(1, ge=0, le=2)
+    timeout_ms: int | None = Field(None, ge=1)
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str = Field(description="the class the prompt resolved to")
+    class_label: int
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    usage: Usage
+
+
+class QueueStatus(BaseModel):
+    """GET /v1/status: what the server is doing now (the playground shows it)."""
+
+    status: Literal["STARTING", "READY", "DRAINING", "UNHEALTHY"]
+    queued_requests: int
+    queued_images: int
+    oldest_queued_s: float
+    running_requests: int
+    running_images: int
+    max_batch: int = Field(description="images that fit in the next batch now")
+
+
+# The OpenAI-compatible route answers invalid requests with 400 (OpenAI's status), not 422.
+OPENAI_ERROR_RESPONSES = {
+    **{status: spec for status, spec in ERROR_RESPONSES.items() if status != 422},
+    400: {"model": ErrorResponse, "description": "invalid request (param names the field), OpenAI's envelope"},
 }

@@ -20,7 +20,7 @@ import torch
 from server import metrics
 from server.batcher import Batcher
 from server.errors import JobFailed, OutOfMemory, Unavailable
-from server.jobs import BatchPlan
+from server.jobs import BatchPlan, Job
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,22 @@ class EngineInfo:
     vanilla_kv_bytes_per_image: int
     vocab_size: int | None
     kv_cache: dict[str, Any] = field(default_factory=dict)  # Engine.kv_cache_info(): policy and profile
+    scales: tuple[int, ...] = ()  # patch_nums: side of each scale's token map (previews count them)
+
+
+PreviewTarget = tuple[Job, int] | None  # (job, image index in the job) for a row that streams previews
+
+
+def hand_previews(targets: Sequence[PreviewTarget], scale: int, rows: list[int], images: Any) -> None:
+    """Give each streaming job its rows' preview images (on the inference thread; the job's sink is thread-safe)."""
+    for row, image in zip(rows, images):
+        job, index = targets[row]
+        if job.status.is_finished():
+            continue  # cancelled meanwhile
+        try:
+            job.on_preview(index, scale, image.numpy())
+        except Exception:  # a preview must never fail the batch its image shares
+            logger.exception("handing a preview of job %s to its stream failed", job.id)
 
 
 class InjectedFault(RuntimeError):
@@ -235,7 +251,8 @@ class InferenceWorker:
             channels=engine.channels, policy=engine.policy_name, dtype=self._dtype, device=str(engine.device),
             kv_bytes_per_image=engine.kv_bytes_per_image(),
             vanilla_kv_bytes_per_image=engine.vanilla_kv_bytes_per_image(),
-            vocab_size=getattr(getattr(engine, "config", None), "vocab_size", None), kv_cache=kv_cache)
+            vocab_size=getattr(getattr(engine, "config", None), "vocab_size", None), kv_cache=kv_cache,
+            scales=tuple(getattr(getattr(engine, "config", None), "patch_nums", ())))
         self.admissible_batch()
         metrics.KV_PER_IMAGE.labels(model=self.info.model_name).set(self.info.kv_bytes_per_image)
         metrics.KV_VANILLA_PER_IMAGE.labels(model=self.info.model_name).set(self.info.vanilla_kv_bytes_per_image)
@@ -268,7 +285,7 @@ class InferenceWorker:
         began = time.perf_counter()
         fatal: str | None = None
         try:
-            outputs = self._generate(plan.labels(), plan.seeds(), plan.params())
+            outputs = self._generate(plan.labels(), plan.seeds(), plan.params(), plan.preview_targets())
             self._consecutive_failures = 0
         except Exception as exc:
             logger.exception("batch %d (%d images) failed", plan.id, count)
@@ -288,25 +305,32 @@ class InferenceWorker:
         if fatal is not None:
             raise FatalWorkerError(fatal)
 
-    def _generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any]) -> list[Any]:
+    def _generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any],
+                  targets: Sequence[PreviewTarget]) -> list[Any]:
         """One output per image, in order: an image array, or OutOfMemory when even one image failed."""
         outputs: list[Any] = []
         start = 0
         while start < len(labels):
             stop = start + max(1, self.manager.cap)  # the cap can drop mid-plan after an OOM
-            outputs += self._generate_chunk(labels[start:stop], seeds[start:stop], params[start:stop])
+            outputs += self._generate_chunk(labels[start:stop], seeds[start:stop], params[start:stop],
+                                            targets[start:stop])
             start = stop
         return outputs
 
-    def _generate_chunk(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any]) -> list[Any]:
+    def _generate_chunk(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any],
+                        targets: Sequence[PreviewTarget]) -> list[Any]:
         count = len(labels)
         out_of_memory = False
+        previews: dict[str, Any] = {}
+        if any(targets):  # only rows whose clients stream ask the engine for previews
+            previews = {"previews": [t[0].preview_scales if t else () for t in targets],
+                        "on_preview": lambda scale, rows, images: hand_previews(targets, scale, rows, images)}
         try:
             if self.faults is not None:
                 self.faults.before_call(count)
             if self.info is not None:  # the plan is exact: what this batch's cache will allocate
                 metrics.KV_USED.set(self.info.kv_bytes_per_image * count)
-            result = self.manager.generate(list(labels), list(seeds), list(params))
+            result = self.manager.generate(list(labels), list(seeds), list(params), **previews)
         except torch.OutOfMemoryError:
             out_of_memory = True  # retried outside the handler so the traceback's tensors are freed
         if out_of_memory:
@@ -320,8 +344,8 @@ class InferenceWorker:
             half = (count + 1) // 2
             logger.warning("out of memory at %d images; retrying as %d + %d and capping batches at %d",
                            count, half, count - half, cap)
-            return (self._generate_chunk(labels[:half], seeds[:half], params[:half])
-                    + self._generate_chunk(labels[half:], seeds[half:], params[half:]))
+            return (self._generate_chunk(labels[:half], seeds[:half], params[:half], targets[:half])
+                    + self._generate_chunk(labels[half:], seeds[half:], params[half:], targets[half:]))
         metrics.BATCH_DURATION.labels(stage="ar").observe(result.seconds_ar)
         metrics.BATCH_DURATION.labels(stage="decode").observe(result.seconds_decode)
         metrics.KV_USED.set(result.kv_allocated_bytes)

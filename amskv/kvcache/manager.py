@@ -119,14 +119,14 @@ class KVCacheManager:
             fits = min(fits, self._free_budget() // self.activation_per_image)
         return max(0, fits)
 
-    def generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any]) -> Any:
+    def generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any], **previews: Any) -> Any:
         """Run one engine call in the pool. Raises torch.OutOfMemoryError (see ``note_oom``) or ValueError
-        when more images are given than the pool holds."""
+        when more images are given than the pool holds. ``previews``: the engine's previews= and on_preview=."""
         if self.pool is None or len(labels) > self.pool_images:
             raise ValueError(f"{len(labels)} images exceed the KV pool ({self.pool_images} images)")
         self._used = self.bytes_per_image * len(labels)
         try:
-            result = self.engine.generate(list(labels), list(seeds), list(params), pool=self.pool)
+            result = self.engine.generate(list(labels), list(seeds), list(params), pool=self.pool, **previews)
         finally:
             self._used = 0
         self.unplanned_expansions += len(result.unplanned_expansions)

@@ -1,10 +1,10 @@
-"""What the server serves: GET /v1/models and GET /v1/classes."""
+"""What the server serves and is doing: GET /v1/models, /v1/classes and /v1/status."""
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from server.routes.deps import ServiceDep
-from server.schemas import ClassInfo, ClassList, KVCacheCard, ModelCard, ModelList
+from server.schemas import ClassInfo, ClassList, KVCacheCard, ModelCard, ModelList, QueueStatus
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -26,3 +26,13 @@ async def classes(service: ServiceDep) -> ClassList:
     service.require_loaded()
     data = [ClassInfo(index=e.index, wnid=e.wnid, names=list(e.names)) for e in service.catalog.entries]
     return ClassList(model=service.worker.info.model_name, data=data)
+
+
+@router.get("/status", response_model=QueueStatus)
+async def status(service: ServiceDep) -> QueueStatus:
+    """The queue and the running batch now; answers during start-up too (max_batch 0 until loaded)."""
+    batcher = service.batcher
+    return QueueStatus(status=service.health()[0], queued_requests=batcher.queued_requests,
+                       queued_images=batcher.queued_images, oldest_queued_s=round(batcher.oldest_queued_age_s(), 3),
+                       running_requests=batcher.running_requests, running_images=batcher.running_images,
+                       max_batch=service.worker.max_images)

@@ -1,0 +1,119 @@
+"""POST /v1/images/generations: OpenAI's Images API over the same jobs, so unchanged OpenAI clients work.
+
+The prompt is one class (an index, WordNet id or name, resolved like class_labels). Invalid requests
+get 400 in OpenAI's error envelope. ``stream: true`` answers OpenAI's image_generation.* events: with
+``partial_images: k``, k of the scales (spread over all but the last) become partial images, then each
+image's ``image_generation.completed``.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from server import metrics
+from server.classes import resolve_labels
+from server.encoding import b64_png
+from server.errors import InvalidRequest, as_bad_request
+from server.generation import CLIENT_CLOSED_REQUEST, await_job, new_job, usage
+from server.jobs import Job
+from server.routes.deps import ServiceDep
+from server.schemas import OPENAI_ERROR_RESPONSES, ImagesGenerationRequest, ImagesResponse
+from server.service import Service
+from server.streaming import Preview, attach_channel, error_event, event_stream, job_events, sse
+
+IMAGES_PATH = "/v1/images/generations"
+
+router = APIRouter(tags=["openai"])
+
+
+def partial_scales(num_scales: int, partial_images: int) -> list[int]:
+    """``partial_images`` scales spread evenly over all but the last (the last is the completed image)."""
+    step = (num_scales - 1) / (partial_images + 1)
+    return [int((j + 1) * step) for j in range(partial_images)]
+
+
+@router.post(IMAGES_PATH, response_model=ImagesResponse, responses=OPENAI_ERROR_RESPONSES,
+             summary="OpenAI-compatible image generation (prompt = one class)")
+async def images_generations(body: ImagesGenerationRequest, request: Request, service: ServiceDep) -> Response:
+    service.check_accepting()
+    info = service.worker.info
+    try:
+        job = _job(service, request, body)
+    except InvalidRequest as exc:
+        raise as_bad_request(exc) from None
+    if body.stream:
+        return _stream(service, job, body)
+    service.batcher.submit(job)
+    result = await await_job(service.batcher, job, request)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    encoded = await asyncio.to_thread(lambda: [b64_png(image) for image in result.images])
+    name = service.catalog.name_of(job.labels[0])
+    metrics.IMAGES_GENERATED.labels(model=info.model_name).inc(job.num_images)
+    return ImagesResponse(created=int(time.time()), usage=usage(job, result), data=[
+        {"b64_json": b64, "revised_prompt": name, "class_label": job.labels[i], "seed": job.seeds[i]}
+        for i, b64 in enumerate(encoded)])
+
+
+def _job(service: Service, request: Request, body: ImagesGenerationRequest) -> Job:
+    info = service.worker.info
+    side = f"{info.resolution}x{info.resolution}"
+    if body.model is not None and body.model != info.model_name:
+        raise InvalidRequest(f"model {body.model!r} is not served here (allowed: {info.model_name})",
+                             param="model", code="model_not_found")
+    if body.response_format != "b64_json":
+        raise InvalidRequest(f"response_format {body.response_format!r} is not supported: this server keeps no "
+                             "files to link to (allowed: b64_json)", param="response_format")
+    if body.size not in ("auto", side):
+        raise InvalidRequest(f"size {body.size!r} is not this model's (allowed: {side} or auto)", param="size")
+    most = len(info.scales) - 1
+    if body.partial_images > most:
+        raise InvalidRequest(f"partial_images: this model has {len(info.scales)} scales, so at most {most} "
+                             f"partial images (allowed: 0 <= partial_images <= {most})", param="partial_images")
+    if body.partial_images and not body.stream:
+        raise InvalidRequest("partial_images needs stream: true", param="partial_images")
+    try:
+        labels = resolve_labels(service.catalog, [body.prompt])
+    except InvalidRequest as exc:
+        exc.param = "prompt"
+        exc.message = exc.message.replace("class_labels", "prompt")
+        raise
+    return new_job(service, request, labels, body, preview_scales=partial_scales(len(info.scales), body.partial_images))
+
+
+def _stream(service: Service, job: Job, body: ImagesGenerationRequest) -> Response:
+    info = service.worker.info
+    channel = attach_channel(job)
+    service.batcher.submit(job)
+    shape = {"size": f"{info.resolution}x{info.resolution}", "quality": "auto", "background": "opaque",
+             "output_format": "png"}
+    scales = partial_scales(len(info.scales), body.partial_images)
+    tokens = sum(side * side for side in info.scales)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for event in job_events(service.batcher, job, channel):
+                if isinstance(event, Preview):
+                    b64 = await asyncio.to_thread(b64_png, event.image)
+                    yield sse("image_generation.partial_image", {
+                        "type": "image_generation.partial_image", "b64_json": b64, "created_at": int(time.time()),
+                        "partial_image_index": scales.index(event.scale), "index": event.index,
+                        "scale": event.scale, **shape})
+                    continue
+                encoded = await asyncio.to_thread(lambda: [b64_png(image) for image in event.images])
+                used: dict[str, Any] = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                                        "output_tokens": tokens, "total_tokens": tokens, **usage(job, event)}
+                metrics.IMAGES_GENERATED.labels(model=info.model_name).inc(job.num_images)
+                for index, b64 in enumerate(encoded):
+                    yield sse("image_generation.completed", {
+                        "type": "image_generation.completed", "b64_json": b64, "created_at": int(time.time()),
+                        "index": index, "revised_prompt": service.catalog.name_of(job.labels[index]),
+                        "seed": job.seeds[index], "usage": used, **shape})
+        except Exception as exc:  # the stream has started: an error travels as an event (the same envelope)
+            yield error_event(exc)
+
+    return event_stream(events())
