@@ -193,7 +193,8 @@ def register_exception_handlers(app: FastAPI, body_schema: dict[str, Any] | None
             # JSONDecodeError: invalid UTF-8, nesting too deep, an integer over 4300 digits.
             if on_invalid is not None:
                 on_invalid(request)
-            return error_response(body_not_json(exc.__cause__))
+            error = body_not_json(exc.__cause__)
+            return error_response(as_bad_request(error) if request.url.path in (openai_schemas or {}) else error)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         body = envelope(str(exc.detail), "invalid_request_error", code, None)
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))

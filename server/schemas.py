@@ -191,3 +191,9 @@ OPENAI_ERROR_RESPONSES = {
     **{status: spec for status, spec in ERROR_RESPONSES.items() if status != 422},
     400: {"model": ErrorResponse, "description": "invalid request (param names the field), OpenAI's envelope"},
 }
+
+
+def with_event_stream(responses: dict, what: str) -> dict:
+    """Document the text/event-stream answer of ``stream: true`` beside the JSON one."""
+    return {**responses, 200: {"description": f"JSON, or with stream: true text/event-stream ({what})",
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}}

@@ -14,7 +14,7 @@ from server.errors import InvalidRequest
 from server.generation import CLIENT_CLOSED_REQUEST, await_job, new_job, render, usage
 from server.jobs import Job
 from server.routes.deps import ServiceDep
-from server.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
+from server.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse, with_event_stream
 from server.service import Service
 from server.streaming import Preview, attach_channel, error_event, event_stream, job_events, sse
 
@@ -53,7 +53,8 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
 
 for _path in PATHS:
     router.add_api_route(_path, generate, methods=["POST"], response_model=GenerateResponse,
-                         responses=ERROR_RESPONSES, summary="Generate images for class labels",
+                         responses=with_event_stream(ERROR_RESPONSES, "preview, image, done and error events"),
+                         summary="Generate images for class labels",
                          include_in_schema=_path == "/v1/generate")
 
 

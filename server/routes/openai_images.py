@@ -21,7 +21,7 @@ from server.errors import InvalidRequest, as_bad_request
 from server.generation import CLIENT_CLOSED_REQUEST, await_job, new_job, usage
 from server.jobs import Job
 from server.routes.deps import ServiceDep
-from server.schemas import OPENAI_ERROR_RESPONSES, ImagesGenerationRequest, ImagesResponse
+from server.schemas import OPENAI_ERROR_RESPONSES, ImagesGenerationRequest, ImagesResponse, with_event_stream
 from server.service import Service
 from server.streaming import Preview, attach_channel, error_event, event_stream, job_events, sse
 
@@ -36,7 +36,7 @@ def partial_scales(num_scales: int, partial_images: int) -> list[int]:
     return [int((j + 1) * step) for j in range(partial_images)]
 
 
-@router.post(IMAGES_PATH, response_model=ImagesResponse, responses=OPENAI_ERROR_RESPONSES,
+@router.post(IMAGES_PATH, response_model=ImagesResponse, responses=with_event_stream(OPENAI_ERROR_RESPONSES, "image_generation.* events"),
              summary="OpenAI-compatible image generation (prompt = one class)")
 async def images_generations(body: ImagesGenerationRequest, request: Request, service: ServiceDep) -> Response:
     service.check_accepting()
