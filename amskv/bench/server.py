@@ -187,7 +187,8 @@ def run_suite(tiny: bool = False, rounds: int | None = None, port: int = 0) -> R
             except RuntimeError as exc:
                 raise RuntimeError(f"{exc}; log:\n{(Path(tmp) / f'{policy}.log').read_text()[-2000:]}") from exc
         for policy, srv in servers.items():
-            eng = engine.with_policy(policy)
+            # the engine as the server loads it: the bundled demo's amskv policies come with its profile
+            eng = demo_engine(policy)[0] if ckpts is None else engine.with_policy(policy)
             row = {"policy": policy, "engine_max_batch": eng.max_batch(budget)}
             row["overhead"] = overhead(srv, eng, min(batch, row["engine_max_batch"]), rounds or (1 if tiny else 3))
             in_flight = 2 * row["engine_max_batch"]  # twice what one batch can take: the queue never empties
