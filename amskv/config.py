@@ -1,7 +1,8 @@
 """Frozen model configurations with named presets.
 
 The released VAR checkpoints follow one rule: ``heads = depth`` and ``width = 64 * depth``.
-``demo`` is the small MNIST model that ships inside the package (see docs/demo-model.md).
+``demo`` is the small MNIST model that ships inside the package; ``mnist64`` is its 64x64 sibling on the released
+256-px scale layout (16x16 latent, 680 tokens), see docs/demo-model.md.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 PATCH_NUMS_DEMO = (1, 2, 3, 4, 5, 6, 8)
+PATCH_NUMS_MNIST64 = PATCH_NUMS_256  # the released layout: 680 tokens on a 16x16 latent
 
 
 @dataclass(frozen=True)
@@ -101,4 +103,17 @@ VAR_PRESETS: dict[str, ModelPreset] = {
         VQVAEConfig(vocab_size=512, z_channels=16, ch=8, ch_mult=(1, 2, 8), num_res_blocks=1, in_channels=1,
                     using_sa=False, using_mid_sa=False, patch_nums=PATCH_NUMS_DEMO, ema_rows=len(PATCH_NUMS_DEMO)),
     ),
+    # 64x64 MNIST on the 256-px scale layout; six layers so that layer-wise KV behaviour means something.
+    "mnist64": ModelPreset(
+        "mnist64",
+        VARConfig(depth=6, embed_dim=128, num_heads=4, num_classes=10, vocab_size=512, cvae=16,
+                  patch_nums=PATCH_NUMS_MNIST64),
+        VQVAEConfig(vocab_size=512, z_channels=16, ch=8, ch_mult=(1, 2, 8), num_res_blocks=1, in_channels=1,
+                    using_sa=False, using_mid_sa=False, patch_nums=PATCH_NUMS_MNIST64,
+                    ema_rows=len(PATCH_NUMS_MNIST64)),
+    ),
 }
+
+# The small MNIST models that `amskv train-demo` trains and that ship inside the package (amskv/weights/
+# <name>_var.pth, <name>_vae.pth, <name>_profile.json); `--model NAME` / AMSKV_MODEL select one.
+BUNDLED_MODELS = ("demo", "mnist64")

@@ -13,7 +13,7 @@ from typing import Callable, Collection, Sequence
 
 import torch
 
-from amskv.config import VAR_PRESETS, VARConfig
+from amskv.config import BUNDLED_MODELS, VAR_PRESETS, VARConfig
 from amskv.generate import decode_images, decode_previews, generate_tokens, plan_pool
 from amskv.kvcache.calibration import AUTO, OFF, CalibrationSettings, ProfileResolution, describe, resolve_profile
 from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_policy
@@ -28,24 +28,39 @@ from amskv.sampling import RowParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-DEMO_VAR, DEMO_VAE, DEMO_PROFILE = "demo_var.pth", "demo_vae.pth", "demo_profile.json"
+DEFAULT_MODEL = "demo"
 # Images per VQVAE decoder call (padded to this size, see decode_images). A GPU gains from batching the
 # decoder; a CPU barely does, so there one image per call avoids decoding padding.
 DECODE_CHUNK = {"cuda": 8, "cpu": 1}
 
 
-def bundled_checkpoints() -> tuple[Path, Path]:
-    """The demo model shipped inside the package."""
-    root = Path(str(resources.files("amskv") / "weights"))
-    var, vae = root / DEMO_VAR, root / DEMO_VAE
-    if not (var.is_file() and vae.is_file()):
+def _weights_dir() -> Path:
+    return Path(str(resources.files("amskv") / "weights"))
+
+
+def bundled_files(model: str = DEFAULT_MODEL) -> tuple[str, str, str]:
+    """(VAR, VQVAE, calibration profile) file names of a bundled model inside amskv/weights/."""
+    if model not in BUNDLED_MODELS:
+        raise ValueError(f"model must be one of {', '.join(BUNDLED_MODELS)}, got {model!r}")
+    return f"{model}_var.pth", f"{model}_vae.pth", f"{model}_profile.json"
+
+
+def bundled_checkpoints(model: str = DEFAULT_MODEL) -> tuple[Path, Path]:
+    """The VAR and VQVAE files of a model shipped inside the package; CheckpointError names what is missing."""
+    root = _weights_dir()
+    var, vae = (root / name for name in bundled_files(model)[:2])
+    missing = [path.name for path in (var, vae) if not path.is_file()]
+    if missing and model == DEFAULT_MODEL:
         raise CheckpointError(f"the bundled demo model is missing from {root}; reinstall amskv or pass --var/--vae")
+    if missing:  # mnist64 trains across sessions; until its VAR reaches its target no weights ship
+        raise CheckpointError(f"the bundled model {model} has no trained weights yet ({' and '.join(missing)} "
+                              f"missing from {root}; see docs/demo-model.md); use --model demo or pass --var/--vae")
     return var, vae
 
 
-def with_demo_profile(policy: str, policy_args: dict | None) -> dict:
-    """``amskv-static`` on the bundled demo model uses the demo's own calibration unless given flags or a profile."""
-    profile = Path(str(resources.files("amskv") / "weights")) / DEMO_PROFILE
+def with_demo_profile(policy: str, policy_args: dict | None, model: str = DEFAULT_MODEL) -> dict:
+    """``amskv-static`` on a bundled model uses that model's own calibration unless given flags or a profile."""
+    profile = _weights_dir() / bundled_files(model)[2]
     if policy == "amskv-static" and profile.is_file() and not {"profile", "demanding"} & set(policy_args or {}):
         return {**(policy_args or {}), "profile": str(profile)}
     return dict(policy_args or {})
@@ -111,8 +126,9 @@ class Engine:
     def load(cls, var_path: str | Path | None = None, vae_path: str | Path | None = None, *,
              policy: str = DEFAULT_POLICY, policy_args: dict | None = None, dtype: str = "fp32",
              device: str = "cpu", profile: str | Path = AUTO, profile_cache_dir: str | Path | None = None,
-             calibration: CalibrationSettings | None = None) -> "Engine":
-        """``None`` paths load the bundled demo model. Raises CheckpointError or ValueError on bad input.
+             calibration: CalibrationSettings | None = None, model: str | None = None) -> "Engine":
+        """``None`` paths load a bundled model: ``model`` (demo or mnist64; default demo), never given with paths.
+        Raises CheckpointError or ValueError on bad input.
 
         For ``amskv`` and ``amskv-static`` without ``profile=``/``demanding=`` policy arguments, ``profile``
         chooses the calibration profile: ``"auto"`` (the bundled demo's shipped file; otherwise the profile
@@ -120,13 +136,19 @@ class Engine:
         there when a directory is given), ``"off"`` (no profile: every layer is planned as demanding), or a
         profile file. ``engine.profile_resolution`` says which (docs/kv-cache.md §6).
         """
+        if model is not None and (var_path is not None or vae_path is not None):
+            raise ValueError(f"choose a bundled model by name (--model {model}) or give checkpoint paths "
+                             "(--var/--vae), not both")
         if (var_path is None) != (vae_path is None):
-            raise ValueError("give both --var and --vae, or neither for the bundled demo model")
+            raise ValueError("give both --var and --vae, or neither for a bundled model")
         bundled = var_path is None
+        bundled_profile = None
         if bundled:
-            var_path, vae_path = bundled_checkpoints()
+            model = model or DEFAULT_MODEL
+            var_path, vae_path = bundled_checkpoints(model)
+            bundled_profile = Path(var_path).parent / bundled_files(model)[2]
             if str(profile) == AUTO:
-                policy_args = with_demo_profile(policy, policy_args)
+                policy_args = with_demo_profile(policy, policy_args, model)
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         var, vae = load_pair(var_path, vae_path)
         policy_args = dict(policy_args or {})
@@ -139,14 +161,13 @@ class Engine:
                 var.shared_ada_lin.to(torch_dtype)
         engine = cls(var, vae, kv_policy, torch_dtype, torch_device)
         if isinstance(kv_policy, AMSKVPolicy):
-            engine._attach_profile(policy, policy_args, profile, bundled, var_path, vae_path, profile_cache_dir,
-                                   calibration or CalibrationSettings())
+            engine._attach_profile(policy, policy_args, profile, bundled_profile, var_path, vae_path,
+                                   profile_cache_dir, calibration or CalibrationSettings())
         return engine
 
-    def _attach_profile(self, policy: str, policy_args: dict, profile, bundled: bool, var_path, vae_path,
-                        cache_dir, calibration: CalibrationSettings) -> None:
+    def _attach_profile(self, policy: str, policy_args: dict, profile, bundled_profile: Path | None, var_path,
+                        vae_path, cache_dir, calibration: CalibrationSettings) -> None:
         given = policy_args.get("profile")
-        demo_profile = Path(var_path).parent / DEMO_PROFILE
         if given is not None or "demanding" in policy_args:  # the user's own flags or file
             self.profile_resolution = ProfileResolution(None if given is None else read_profile(given), "file",
                                                         None if given is None else Path(given))
@@ -154,8 +175,8 @@ class Engine:
             pass
         elif str(profile) != AUTO:
             self.profile_resolution = ProfileResolution(read_profile(profile), "file", Path(profile))
-        elif bundled and demo_profile.is_file():  # the demo ships its own calibration
-            self.profile_resolution = ProfileResolution(read_profile(demo_profile), "file", demo_profile)
+        elif bundled_profile is not None and bundled_profile.is_file():  # a bundled model ships its calibration
+            self.profile_resolution = ProfileResolution(read_profile(bundled_profile), "file", bundled_profile)
         else:
             self.profile_resolution = resolve_profile(self, self.policy, var_path, vae_path, cache_dir, calibration)
         found, depth = self.profile_resolution.profile, self.config.depth

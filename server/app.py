@@ -41,8 +41,8 @@ def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], 
     def load() -> Any:
         from amskv.engine import Engine  # imported on the inference thread, which owns the device
         from amskv.kvcache.calibration import CalibrationSettings
-        return Engine.load(settings.var_checkpoint, settings.vae_checkpoint, policy=settings.policy,
-                           policy_args=settings.policy_args, dtype=dtype, device=device,
+        return Engine.load(settings.var_checkpoint, settings.vae_checkpoint, model=settings.model,
+                           policy=settings.policy, policy_args=settings.policy_args, dtype=dtype, device=device,
                            profile=settings.kv_profile, profile_cache_dir=settings.profile_cache_dir,
                            calibration=CalibrationSettings(images=settings.calibration_images,
                                                            time_limit_s=settings.calibration_max_s))

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from amskv.commands.common import DefaultsHelpFormatter
+from amskv.config import BUNDLED_MODELS
 from server.settings import Settings, describe_validation_error
 
 HELP = "run the HTTP inference server (uvicorn, one worker process)"
@@ -26,7 +27,7 @@ HELP = "run the HTTP inference server (uvicorn, one worker process)"
 logger = logging.getLogger(__name__)
 
 # flag -> Settings field; only flags given on the command line override the environment.
-FLAG_FIELDS = {"host": "host", "port": "port", "var": "var_checkpoint", "vae": "vae_checkpoint",
+FLAG_FIELDS = {"host": "host", "port": "port", "model": "model", "var": "var_checkpoint", "vae": "vae_checkpoint",
                "policy": "policy", "dtype": "dtype", "device": "device", "max_batch": "max_batch",
                "log_level": "log_level", "kv_profile": "kv_profile"}
 
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # No argparse defaults: a flag left out must not override the environment; the help shows Settings' default.
     parser.add_argument("--host", help=f"bind address {_env('host')}")
     parser.add_argument("--port", type=int, help=f"bind port {_env('port')}")
+    parser.add_argument("--model", choices=BUNDLED_MODELS,
+                        help=f"bundled model by name, not with --var/--vae {_env('model', 'demo')}")
     parser.add_argument("--var", metavar="CKPT", help=f"VAR checkpoint {_env('var', 'the bundled demo model')}")
     parser.add_argument("--vae", metavar="CKPT", help=f"VQVAE checkpoint {_env('vae', 'the bundled demo VQVAE')}")
     parser.add_argument("--policy", help=f"KV-cache policy {_env('policy')}")
@@ -67,6 +70,14 @@ def check_paths(settings: Settings) -> list[str]:
     for name, path in (("var_checkpoint", settings.var_checkpoint), ("vae_checkpoint", settings.vae_checkpoint)):
         if path is not None and not os.path.isfile(path):
             problems.append(f"invalid setting AMSKV_{name.upper()}: no such file {path!r}")
+    if settings.var_checkpoint is None and settings.vae_checkpoint is None:
+        from amskv.engine import bundled_checkpoints
+        from amskv.model.loading import CheckpointError
+
+        try:  # a bundled model without its weights (mnist64 while it trains) is a setting error, not a load failure
+            bundled_checkpoints(settings.model or "demo")
+        except CheckpointError as exc:
+            problems.append(f"invalid setting AMSKV_MODEL: {exc}")
     if settings.kv_profile not in ("auto", "off") and not os.path.isfile(settings.kv_profile):
         problems.append(f"invalid setting AMSKV_KV_PROFILE: 'auto', 'off' or a profile file; no such file "
                         f"{settings.kv_profile!r}")

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AMSKV_", extra="ignore", validate_default=True)
 
     # Model.
+    model: Literal["demo", "mnist64"] | None = Field(  # = amskv.config.BUNDLED_MODELS
+        None, description="bundled model by name; None = demo unless checkpoint paths are given (never both)")
     var_checkpoint: str | None = Field(None, description="VAR checkpoint path; None = bundled default model")
     vae_checkpoint: str | None = Field(None, description="VQVAE checkpoint path; None = bundled default")
     policy: str = Field(DEFAULT_POLICY, min_length=1,
@@ -83,6 +85,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        if self.model is not None and (self.var_checkpoint or self.vae_checkpoint):
+            raise ValueError(f"AMSKV_MODEL ({self.model}) and AMSKV_VAR_CHECKPOINT/AMSKV_VAE_CHECKPOINT exclude "
+                             "each other: name a bundled model or give checkpoint paths, not both")
         if self.max_images_per_request > self.max_queue_images:
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) exceeds max_queue_images "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from amskv.config import BUNDLED_MODELS
 from amskv.kvcache.policy import DEFAULT_POLICY, POLICY_NAMES
 
 
@@ -16,8 +17,10 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_policy: str = DEFAULT_POLICY) -> None:
-    parser.add_argument("--var", metavar="CKPT", help="VAR checkpoint (.pth/.safetensors); default: bundled demo")
-    parser.add_argument("--vae", metavar="CKPT", help="VQVAE checkpoint; default: bundled demo")
+    parser.add_argument("--model", choices=BUNDLED_MODELS,
+                        help="bundled model by name (default: demo); not together with --var/--vae")
+    parser.add_argument("--var", metavar="CKPT", help="VAR checkpoint (.pth/.safetensors); default: bundled model")
+    parser.add_argument("--vae", metavar="CKPT", help="VQVAE checkpoint; default: bundled model")
     parser.add_argument("--policy", default=default_policy, choices=POLICY_NAMES,
                         help="KV cache policy (amskv-static without a profile treats every layer as demanding; "
                              "the bundled demo model has its own profile)")
@@ -41,4 +44,4 @@ def load_engine(args: argparse.Namespace):
     from amskv.engine import Engine
 
     return Engine.load(args.var, args.vae, policy=args.policy, policy_args=parse_policy_args(args.policy_arg),
-                       dtype=args.dtype, device=args.device)
+                       dtype=args.dtype, device=args.device, model=args.model)

@@ -18,10 +18,11 @@ GIB = 1024**3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="d30",
-                        help="preset (d16, d20, d24, d30, d36, demo) or a VAR checkpoint path")
+                        help="preset (d16, d20, d24, d30, d36, demo, mnist64) or a VAR checkpoint path; "
+                             "a preset needs no weights")
     parser.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICY_NAMES,
                         help="KV cache policy (amskv-static without a profile treats every layer as demanding; "
-                             "--model demo uses the bundled demo profile)")
+                             "a bundled --model uses its own profile)")
     parser.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="policy parameter, repeatable (e.g. preset=aggressive, c_min=100, profile=FILE)")
     parser.add_argument("--batch", type=int, default=64, help="images per batch")
@@ -121,6 +122,7 @@ def format_table(r: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from amskv.commands.common import parse_policy_args
+    from amskv.config import BUNDLED_MODELS
     from amskv.engine import with_demo_profile
     from amskv.model.loading import CheckpointError
 
@@ -130,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         name, cfg = resolve_model(args.model)
         policy_args = parse_policy_args(args.policy_arg)
-        if args.model == "demo":  # as `amskv serve` runs it: amskv-static with the demo's own calibration
-            policy_args = with_demo_profile(args.policy, policy_args)
+        if args.model in BUNDLED_MODELS:  # as `amskv serve` runs it: amskv-static with the model's own calibration
+            policy_args = with_demo_profile(args.policy, policy_args, args.model)
         report = memory_report(cfg, name, args.policy, policy_args, args.batch, args.dtype, args.budget_gib)
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

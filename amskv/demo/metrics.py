@@ -18,6 +18,8 @@ import torch
 from amskv.weights import load_shipped
 
 REFERENCE_STATS_FILE = "mnist_test_stats.pt"
+# mnist64: the same test images at 64x64 (load_mnist size=64), area-downsampled back to the classifier's 32x32
+REFERENCE_STATS_FILE_64 = "mnist64_test_stats.pt"
 # A [0, 1] image never goes below 0 except by decoder overshoot; a [-1, 1] image has background at -1.
 _MODEL_RANGE_THRESHOLD = -0.25
 
@@ -88,9 +90,9 @@ def save_reference_stats(stats: FeatureStats, path: str | Path, source: str) -> 
     torch.save({"mean": stats.mean, "cov": stats.cov, "count": stats.count, "source": source}, str(path))
 
 
-def load_reference_stats(path: str | Path | None = None) -> FeatureStats:
-    """Reference feature statistics; by default the shipped ones of the 10k MNIST test images."""
-    blob = load_shipped(REFERENCE_STATS_FILE, path)
+def load_reference_stats(path: str | Path | None = None, name: str = REFERENCE_STATS_FILE) -> FeatureStats:
+    """Reference feature statistics; by default the shipped ones (``name``) of the 10k MNIST test images."""
+    blob = load_shipped(name, path)
     return FeatureStats(mean=blob["mean"].to(torch.float64), cov=blob["cov"].to(torch.float64),
                         count=int(blob["count"]))
 

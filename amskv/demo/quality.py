@@ -10,14 +10,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from amskv.demo.classifier import features, load_classifier, predict
-from amskv.demo.metrics import class_accuracy, fd_to_reference, psnr, token_agreement
+from amskv.demo.metrics import (REFERENCE_STATS_FILE, REFERENCE_STATS_FILE_64, class_accuracy, fd_to_reference,
+                                load_reference_stats, psnr, token_agreement)
 from amskv.kvcache.policy import make_policy
 from amskv.memory import kv_memory
 from amskv.sampling import SamplingParams
 
 EVAL_BATCH = 100
+CLASSIFIER_SIZE = 32  # the shipped classifier's input; mnist64 images are area-downsampled to it
+REFERENCE_STATS = {32: REFERENCE_STATS_FILE, 64: REFERENCE_STATS_FILE_64}
 
 
 @dataclass
@@ -78,8 +82,8 @@ def evaluate(engine, n: int = 1000, seed: int = 0, cfg: float = 3.0, reference: 
     mem = engine.memory(1)
     report = QualityReport(
         policy=engine.policy.describe(), n=n, seed=seed, cfg=cfg,
-        accuracy=class_accuracy(predict(classifier, _unit(ours.images)), ours.labels),
-        fd=fd_to_reference(features(classifier, _unit(ours.images))),
+        accuracy=class_accuracy(predict(classifier, for_classifier(ours.images)), ours.labels),
+        fd=fd_to_reference(features(classifier, for_classifier(ours.images)), reference_stats(engine.resolution)),
         token_agreement=token_agreement(ours.tokens, reference.tokens),
         psnr_vs_full=psnr(ours.images, reference.images),
         kv_bytes_per_image=mem.allocated_bytes,
@@ -91,8 +95,19 @@ def evaluate(engine, n: int = 1000, seed: int = 0, cfg: float = 3.0, reference: 
     return report, reference
 
 
-def _unit(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.permute(0, 3, 1, 2).float().div_(255)  # (N, H, W, 1) uint8 -> (N, 1, H, W) in [0, 1]
+def for_classifier(images_u8: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 1) uint8 -> (N, 1, 32, 32) in [0, 1]; larger images (mnist64) are area-downsampled."""
+    unit = images_u8.permute(0, 3, 1, 2).float().div_(255)
+    if unit.shape[-1] != CLASSIFIER_SIZE:
+        unit = F.interpolate(unit, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="area")
+    return unit
+
+
+def reference_stats(resolution: int):
+    """The real test images' feature statistics prepared as the model's images are (see REFERENCE_STATS)."""
+    if resolution not in REFERENCE_STATS:
+        raise ValueError(f"eval-quality knows MNIST at {sorted(REFERENCE_STATS)} px, not {resolution}")
+    return load_reference_stats(name=REFERENCE_STATS[resolution])
 
 
 # The comparison of docs/demo-model.md: (label, policy, args). c_min/c_max are tokens per layer and sequence;

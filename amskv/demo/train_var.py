@@ -70,7 +70,7 @@ class VARTrainResult:
 @torch.no_grad()
 def tokenize(vae: VQVAE, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
              progress: bool = True) -> TokenSet:
-    """Indices per scale and teacher-forcing inputs for (N, 1, 32, 32) images in [-1, 1]."""
+    """Indices per scale and teacher-forcing inputs for (N, 1, H, W) images in [-1, 1]."""
     vae.eval()
     indices, var_inputs = [], []
     for start in tqdm(range(0, images.shape[0], batch_size), desc="tokenize", unit="batch", disable=not progress):
@@ -149,8 +149,8 @@ def _save_checkpoint(path: Path, model, optimizer, step, history, elapsed) -> No
 
 def train_var(var_cfg: VARConfig, tokens: TokenSet, out_dir: str | Path, cfg: VARTrainConfig = VARTrainConfig(),
               resume: bool = False, progress: bool = True,
-              max_new_steps: int | None = None) -> VARTrainResult:
-    """Train on a TokenSet; writes ``demo_var.pth`` (plain state dict, buffers included) to out_dir.
+              max_new_steps: int | None = None, weights_name: str = VAR_FILE) -> VARTrainResult:
+    """Train on a TokenSet; writes ``weights_name`` (plain state dict, buffers included) to out_dir.
 
     ``resume`` continues from the checkpoint in out_dir; ``max_new_steps`` ends this call early (checkpointed).
     """
@@ -194,7 +194,7 @@ def train_var(var_cfg: VARConfig, tokens: TokenSet, out_dir: str | Path, cfg: VA
         rows = batch_indices(step, n_items, cfg.batch_size, cfg.seed)
         target = tokens.indices[rows].long()  # (B, L)
         labels = drop_labels(tokens.labels[rows], model.null_class, cfg.label_dropout, cfg.seed, step)
-        logits = model(labels, tokens.var_input[rows].float())  # (B, L, V)
+        logits = model(labels, tokens.var_input[rows].float(), split_attention=True)  # (B, L, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))  # (B*L, V) vs (B*L,)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -214,7 +214,7 @@ def train_var(var_cfg: VARConfig, tokens: TokenSet, out_dir: str | Path, cfg: VA
     finished = done()
     if not finished:  # stopped early (cap or max_new_steps): keep the progress for --resume
         _save_checkpoint(ckpt_path, model, optimizer, step, history, elapsed())
-    weights_path = out_dir / VAR_FILE
+    weights_path = out_dir / weights_name
     torch.save(model.state_dict(), weights_path)
     tail = history[-50:]
     mean = [sum(col) / len(tail) for col in zip(*tail)] if tail else [float("nan")] * (1 + n_scales)

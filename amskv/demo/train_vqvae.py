@@ -126,7 +126,7 @@ def restart_dead_codes(quantizer: VectorQuantizer2, hits: torch.Tensor, f: torch
 
 @torch.no_grad()
 def reconstruction_mse(vae: VQVAE, images: torch.Tensor, batch_size: int = 500) -> float:
-    """Mean squared error ([-1, 1] scale) of encode -> quantise -> decode over ``images`` (N, 1, 32, 32)."""
+    """Mean squared error ([-1, 1] scale) of encode -> quantise -> decode over ``images`` (N, 1, H, W)."""
     was_training = vae.training
     vae.eval()
     total = 0.0
@@ -139,7 +139,7 @@ def reconstruction_mse(vae: VQVAE, images: torch.Tensor, batch_size: int = 500) 
 
 @torch.no_grad()
 def reconstruct(vae: VQVAE, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Reconstructions in [-1, 1] (N, 1, 32, 32) through the discrete tokens."""
+    """Reconstructions in [-1, 1] (N, 1, H, W) through the discrete tokens."""
     vae.eval()
     return torch.cat([vae.idx_to_img(vae.img_to_idx(images[s:s + batch_size]))
                       for s in range(0, images.shape[0], batch_size)])
@@ -154,8 +154,9 @@ def _save_checkpoint(path: Path, model, optimizer, step, hits, history, elapsed)
 
 def train_vqvae(vae_cfg: VQVAEConfig, images: torch.Tensor, out_dir: str | Path,
                 cfg: VQVAETrainConfig = VQVAETrainConfig(), resume: bool = False,
-                progress: bool = True, max_new_steps: int | None = None) -> VQVAETrainResult:
-    """Train on ``images`` (N, 1, 32, 32) in [-1, 1]; writes ``demo_vae.pth`` (plain state dict) to out_dir.
+                progress: bool = True, max_new_steps: int | None = None,
+                weights_name: str = VAE_FILE) -> VQVAETrainResult:
+    """Train on ``images`` (N, 1, H, W) in [-1, 1]; writes ``weights_name`` (plain state dict) to out_dir.
 
     ``resume`` continues from the checkpoint in out_dir; ``max_new_steps`` ends this call early (checkpointed),
     so a run can be split into pieces that together equal one uninterrupted run.
@@ -216,7 +217,7 @@ def train_vqvae(vae_cfg: VQVAEConfig, images: torch.Tensor, out_dir: str | Path,
     bar.close()
     if step < cfg.steps:  # stopped by the wall-clock cap: keep the progress for --resume
         _save_checkpoint(ckpt_path, model, optimizer, step, hits, history, elapsed_before + time.perf_counter() - t0)
-    weights_path = out_dir / VAE_FILE
+    weights_path = out_dir / weights_name
     torch.save(model.state_dict(), weights_path)
     tail = history[-50:] or [(float("nan"), float("nan"))]
     return VQVAETrainResult(

@@ -60,7 +60,10 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if kv is not None:
             k, v = kv.attend(q, k, v)  # (B, H, kept + L, hd) views into preallocated storage
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        if isinstance(attn_bias, BlockCausal):
+            out = attn_bias.attend(q, k, v, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
         if kv is not None:
             kv.commit()  # the policy decides what this layer keeps; storage compacts
         return self.proj(out.transpose(1, 2).reshape(B, L, C))  # (B, H, L, hd) -> (B, L, C)
@@ -114,6 +117,36 @@ def level_layout(patch_nums: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tenso
     return lvl.view(1, L), bias.view(1, 1, L, L)
 
 
+class BlockCausal:
+    """Block-causal attention computed per group of query scales, each over its key prefix without a mask.
+
+    Equal to SDPA under ``level_layout``'s mask (to rounding), but the large late scales skip the masked
+    ~40 % of the L x L scores: one masked call for the small early scales, then one unmasked call per late
+    scale (``VAR.forward(..., split_attention=True)``, used by training; 680 tokens, docs/demo-model.md).
+    """
+
+    def __init__(self, patch_nums: tuple[int, ...], additive_mask: torch.Tensor, masked_tokens: int = 160):
+        begin_ends, cur = [], 0
+        for pn in patch_nums:
+            begin_ends.append((cur, cur + pn * pn))
+            cur += pn * pn
+        first = max([i for i, (_, end) in enumerate(begin_ends) if end <= masked_tokens], default=0)
+        head_end = begin_ends[first][1]
+        self.mask = additive_mask[:, :, :head_end, :head_end]  # (1, 1, T, T) for the early scales
+        self.groups = [(0, head_end)] + [be for be in begin_ends[first + 1:]]  # (query begin, query end = key end)
+
+    def to(self, dtype: torch.dtype) -> "BlockCausal":
+        self.mask = self.mask.to(dtype)
+        return self
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        outs = []
+        for i, (begin, end) in enumerate(self.groups):
+            outs.append(F.scaled_dot_product_attention(q[:, :, begin:end], k[:, :, :end], v[:, :, :end],
+                                                       attn_mask=self.mask if i == 0 else None, scale=scale))
+        return torch.cat(outs, dim=2)  # (B, H, L, hd)
+
+
 class VAR(nn.Module):
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -161,14 +194,17 @@ class VAR(nn.Module):
             x = block(x, cond, attn_bias, None if kv_layers is None else kv_layers[i])
         return x.float()
 
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
+                split_attention: bool = False) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) for all scales at once under the block-causal mask.
 
         Unlike the original, no label dropout happens here; training code drops labels itself.
+        ``split_attention``: the same attention per group of scales (:class:`BlockCausal`), cheaper at 680 tokens.
         """
         B, L = label_B.shape[0], self.config.seq_len
         cond_BD = self.class_emb(label_B)  # (B, C)
         sos = cond_BD.unsqueeze(1) + self.pos_start.expand(B, 1, -1)  # (B, 1, C)
         x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1) + self.lvl_pos()  # (B, L, C)
-        h = self.run_blocks(x, cond_BD, self.attn_bias_for_masking[:, :, :L, :L])
+        mask = self.attn_bias_for_masking[:, :, :L, :L]
+        h = self.run_blocks(x, cond_BD, BlockCausal(self.config.patch_nums, mask) if split_attention else mask)
         return self.get_logits(h, cond_BD)
