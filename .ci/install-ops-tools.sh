@@ -28,48 +28,37 @@ BIN_DIR="$TOOLS_DIR/bin"
 PLUGIN_DIR="$TOOLS_DIR/docker-config/cli-plugins"
 mkdir -p "$BIN_DIR" "$PLUGIN_DIR"
 
-# --- prometheus + promtool (Debian) ---------------------------------------------------------------------
-if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-    # A policy-rc.d that denies starts keeps the package's postinst from launching the daemon.
-    added_policy=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        added_policy=1
+# --- Debian packages whose services must stay off ---------------------------------------------------------
+# Tests start their own prometheus and haproxy on free loopback ports; a system one must neither run nor
+# come back. A policy-rc.d that denies starts keeps a package's postinst from launching its daemon.
+apt_install_without_service() {  # apt_install_without_service PACKAGE COMMAND...
+    local package="$1"; shift
+    local missing=0 cmd
+    for cmd in "$@"; do command -v "$cmd" >/dev/null || missing=1; done
+    if [ "$missing" = 1 ]; then
+        local added_policy=0
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+            chmod +x /usr/sbin/policy-rc.d
+            added_policy=1
+        fi
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$package"
+        if [ "$added_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
     fi
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
-    if [ "$added_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
-fi
-# Tests start their own prometheus on a free loopback port; a system one must neither run nor come back.
-if command -v systemctl >/dev/null; then
-    systemctl disable prometheus >/dev/null 2>&1 || true
-    if [ -d /run/systemd/system ]; then systemctl stop prometheus >/dev/null 2>&1 || true; fi
-fi
-if command -v update-rc.d >/dev/null && [ -e /etc/init.d/prometheus ]; then
-    update-rc.d prometheus disable >/dev/null 2>&1 || true
-    if [ -e /run/prometheus/prometheus.pid ]; then /etc/init.d/prometheus stop >/dev/null 2>&1 || true; fi
-fi
-
-# --- haproxy (Debian); tests start their own on loopback ports, so the packaged service stays off --------------
-if ! command -v haproxy >/dev/null; then
-    added_policy=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        added_policy=1
+    if command -v systemctl >/dev/null; then
+        systemctl disable "$package" >/dev/null 2>&1 || true
+        if [ -d /run/systemd/system ]; then systemctl stop "$package" >/dev/null 2>&1 || true; fi
     fi
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends haproxy
-    if [ "$added_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
-fi
-if command -v systemctl >/dev/null; then
-    systemctl disable haproxy >/dev/null 2>&1 || true
-    if [ -d /run/systemd/system ]; then systemctl stop haproxy >/dev/null 2>&1 || true; fi
-fi
-if command -v update-rc.d >/dev/null && [ -e /etc/init.d/haproxy ]; then
-    update-rc.d haproxy disable >/dev/null 2>&1 || true
-fi
+    if command -v update-rc.d >/dev/null && [ -e "/etc/init.d/$package" ]; then
+        update-rc.d "$package" disable >/dev/null 2>&1 || true
+        if [ -e "/run/$package/$package.pid" ] || [ -e "/run/$package.pid" ]; then
+            "/etc/init.d/$package" stop >/dev/null 2>&1 || true
+        fi
+    fi
+}
+apt_install_without_service prometheus prometheus promtool
+apt_install_without_service haproxy haproxy
 
 # --- chromium (Debian); the playground test drives it with Playwright (tests/server/test_playground.py) -----
 if ! command -v chromium >/dev/null; then

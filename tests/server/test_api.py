@@ -40,7 +40,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Server:
+class ServerProcess:
+    """`python -m server.cli` on a free loopback port, its log in tmp_path; does not wait for readiness."""
+
     def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -51,8 +53,6 @@ class Server:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(self.port)],
                 cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-        self.wait_for(lambda: httpx.get(f"{self.base}/readyz", timeout=5).status_code == 200, READY_WAIT_S,
-                      "/readyz 200")
 
     def log_tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
@@ -91,6 +91,15 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+class Server(ServerProcess):
+    """The server process, ready: its constructor waits for /readyz 200."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        super().__init__(tmp_path, env)
+        self.wait_for(lambda: httpx.get(f"{self.base}/readyz", timeout=5).status_code == 200, READY_WAIT_S,
+                      "/readyz 200")
 
 
 @pytest.fixture(scope="module")

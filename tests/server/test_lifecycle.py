@@ -6,16 +6,12 @@ needs, ended by stopping the server), and every exit is awaited with a generous 
 """
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from tests.server.test_api import REPO, Server, free_port, post
+from tests.server.test_api import Server, ServerProcess, post
 
 EXIT_WAIT_S = 120  # bounds a hang only; the process exits within seconds
 FATAL_EXIT = 70
@@ -23,19 +19,8 @@ STARTUP_FAILED_EXIT = 3
 FAULT_ENV = {"AMSKV_FAULT_INJECTION": "1", "AMSKV_MAX_BATCH": "4", "AMSKV_MAX_QUEUE_DELAY_MS": "0"}
 
 
-class StartingServer:
+class StartingServer(ServerProcess):
     """The server process without waiting for readiness (the Server harness waits for /readyz 200)."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tmp_path / f"server-{self.port}.log"
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AMSKV_")}
-        full_env.update({"AMSKV_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", **env})
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -55,15 +40,6 @@ class StartingServer:
         except subprocess.TimeoutExpired:
             self.stop()
             pytest.fail(f"server still running after {EXIT_WAIT_S} s:\n{self.text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
 
 
 def test_livez_and_metrics_answer_while_the_model_loads(tmp_path):
