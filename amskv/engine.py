@@ -103,6 +103,7 @@ class GenerationResult:
     kv_peak_stored_bytes: int
     seconds_ar: float
     seconds_decode: float
+    scale_seconds: list[float] = field(default_factory=list)  # autoregressive wall time of each scale
     expansions: dict[int, int] = field(default_factory=dict)
     unplanned_expansions: list[int] = field(default_factory=list)  # expansions beyond the profile's plan
 
@@ -276,7 +277,8 @@ class Engine:
         return GenerationResult(images=images, tokens=[t.cpu() for t in res.tokens],
                                 kv_allocated_bytes=res.kv_allocated_bytes,
                                 kv_peak_stored_bytes=res.kv_peak_stored_bytes, seconds_ar=res.seconds,
-                                seconds_decode=time.perf_counter() - t0, expansions=res.expansions,
+                                seconds_decode=time.perf_counter() - t0, scale_seconds=res.scale_seconds,
+                                expansions=res.expansions,
                                 unplanned_expansions=res.unplanned_expansions)
 
     def _preview_hook(self, previews: Sequence[Collection[int]], on_preview: PreviewCallback):

@@ -31,6 +31,7 @@ class TokenResult:
     unplanned_expansions: list[int] = field(default_factory=list)  # expansions beyond the profile's plan
     similarities: dict = field(default_factory=dict)
     seconds: float = 0.0
+    scale_seconds: list[float] = field(default_factory=list)  # wall time of each scale, in order
 
 
 def allocate_cache(var: VAR, policy: KVPolicy, batch: int, dtype: torch.dtype, device, observer=None,
@@ -74,7 +75,8 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
         + lvl_pos[:, :first_l]  # (2B, first_l, C)
     f_hat = cond_BD.new_zeros(B, cfg.cvae, cfg.patch_nums[-1], cfg.patch_nums[-1])
     smooth_any = bool(params.more_smooth.any())
-    tokens, cur = [], 0
+    tokens, cur, scale_seconds = [], 0, []
+    scale_began = time.perf_counter()
     for si, pn in enumerate(cfg.patch_nums):
         ratio = si / (S - 1) if S > 1 else 0.0
         cur += pn * pn
@@ -99,12 +101,17 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
             pn_next = cfg.patch_nums[si + 1]
             nxt = nxt.view(B, cfg.cvae, -1).transpose(1, 2)  # (B, Cv, pn', pn') -> (B, pn'^2, Cv)
             x = (var.word_embed(nxt) + lvl_pos[:, cur:cur + pn_next * pn_next]).repeat(2, 1, 1)  # (2B, pn'^2, C)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
+        now = time.perf_counter()
+        scale_seconds.append(now - scale_began)
+        scale_began = now
     return TokenResult(
         f_hat=f_hat, tokens=tokens, kv_allocated_bytes=cache.allocated_bytes,
         kv_peak_stored_bytes=cache.peak_stored_bytes, kept_after_scale=cache.kept_after_scale,
         smooth_rows=params.more_smooth, expansions=cache.expansions(),
         unplanned_expansions=cache.unplanned_expansions(), similarities=cache.similarities,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, scale_seconds=scale_seconds,
     )
 
 

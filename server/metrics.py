@@ -48,6 +48,9 @@ BATCH_STAGES = ("ar", "decode")
 # reach the 120 s request timeout; a stage of one batch spans a CPU demo decode (ms) to a d30 batch (~35 s+).
 REQUEST_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 90, 120, 180)
+# One scale: from a fraction of a millisecond (the 1x1 scale of the CPU demo) to seconds (the 16x16 scale of
+# d30 at batch 256).
+SCALE_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
 BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # Powers of two plus 192: the batch sizes a compiled/graph-captured model would be padded to.
 IMAGE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
@@ -198,6 +201,12 @@ BATCH_DURATION = Histogram(
     "amskv_batch_duration_seconds", "Device time per batch, by stage.",
     ["stage"], buckets=BATCH_DURATION_BUCKETS, registry=REGISTRY,
 )
+SCALE_DURATION = Histogram(
+    "amskv_scale_duration_seconds",
+    "Wall time of one scale of a batch's autoregressive pass (all layers, sampling and the f-hat update), by "
+    "scale index (0 = coarsest); on CUDA measured after a device synchronisation.",
+    ["scale"], buckets=SCALE_DURATION_BUCKETS, registry=REGISTRY,
+)
 BATCH_SIZE = Histogram(
     "amskv_batch_size_images", "Images per executed batch.", buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
 )
@@ -267,3 +276,9 @@ def set_build_info(version: str, model: str, policy: str, dtype: str, device: st
 def render() -> tuple[bytes, str]:
     """The text exposition of ``REGISTRY`` and its content type, for the ``/metrics`` handler."""
     return generate_latest(REGISTRY), CONTENT_TYPE
+
+
+def start_scale_series(num_scales: int) -> None:
+    """The per-scale histogram's series at 0 once the model (and so its number of scales) is known."""
+    for scale in range(num_scales):
+        SCALE_DURATION.labels(scale=str(scale))

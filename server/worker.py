@@ -254,6 +254,7 @@ class InferenceWorker:
             vocab_size=getattr(getattr(engine, "config", None), "vocab_size", None), kv_cache=kv_cache,
             scales=tuple(getattr(getattr(engine, "config", None), "patch_nums", ())))
         self.admissible_batch()
+        metrics.start_scale_series(len(self.info.scales))
         metrics.KV_PER_IMAGE.labels(model=self.info.model_name).set(self.info.kv_bytes_per_image)
         metrics.KV_VANILLA_PER_IMAGE.labels(model=self.info.model_name).set(self.info.vanilla_kv_bytes_per_image)
         if self.info.vanilla_kv_bytes_per_image:
@@ -348,6 +349,8 @@ class InferenceWorker:
                     + self._generate_chunk(labels[half:], seeds[half:], params[half:], targets[half:]))
         metrics.BATCH_DURATION.labels(stage="ar").observe(result.seconds_ar)
         metrics.BATCH_DURATION.labels(stage="decode").observe(result.seconds_decode)
+        for scale, seconds in enumerate(result.scale_seconds):
+            metrics.SCALE_DURATION.labels(scale=str(scale)).observe(seconds)
         metrics.KV_USED.set(result.kv_allocated_bytes)
         budget = self.manager.state().budget_bytes
         if budget:

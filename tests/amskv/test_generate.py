@@ -26,6 +26,9 @@ def test_images_have_model_resolution_and_depend_on_seed(golden_engine):
     assert res.images.shape == (3, 256, 256, 3) and res.images.dtype == torch.uint8
     assert torch.equal(res.images[0], res.images[2])
     assert not torch.equal(res.images[0], res.images[1])
+    # one wall time per scale, in order, that together make up the autoregressive pass
+    assert len(res.scale_seconds) == golden_engine.config.num_scales and min(res.scale_seconds) > 0
+    assert sum(res.scale_seconds) <= res.seconds_ar
 
 
 def test_per_row_parameters_are_applied_per_row(golden_engine):

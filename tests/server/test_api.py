@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from amskv.config import VAR_PRESETS
 from server import metrics
 from amskv.naming import image_file_name
 from server.classes import ClassCatalog, resolve_labels
@@ -175,6 +176,25 @@ def test_fresh_server_exports_the_model_and_endpoint_series_at_zero(server):
     assert samples[("amskv_kv_cache_vanilla_bytes_per_image", (("model", model),))] > 0
     for endpoint in GENERATE_ENDPOINTS:
         assert samples[("amskv_request_duration_seconds_count", (("endpoint", endpoint),))] == 0
+    # one time-per-scale series for each of the model's scales, known once it loaded
+    scales = sorted(int(dict(labels)["scale"]) for name, labels in samples
+                    if name == "amskv_scale_duration_seconds_count")
+    assert scales == list(range(len(VAR_PRESETS["demo"].var.patch_nums)))  # the server runs the bundled demo
+    assert all(samples[("amskv_scale_duration_seconds_count", (("scale", str(i)),))] == 0 for i in scales)
+
+
+def test_every_batch_records_the_time_of_each_scale(server):
+    def counts() -> dict[str, float]:
+        text = httpx.get(f"{server.base}/metrics", timeout=10).text
+        return {s.labels["scale"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "amskv_scale_duration_seconds_count"}
+
+    before = counts()
+    response = post(server.base, {"class_labels": [3], "seed": 11})
+    assert response.status_code == 200, response.text
+    after = counts()
+    assert set(after) == set(before) and len(after) > 1
+    assert all(after[scale] - before[scale] >= 1 for scale in after)  # the batch's every scale observed once
 
 
 def test_images_decode_at_the_model_resolution_in_every_format(server):

@@ -218,6 +218,7 @@ class FakeResult:
     seconds_ar: float = 0.01
     seconds_decode: float = 0.01
     unplanned_expansions: tuple = ()
+    scale_seconds: tuple = (0.004, 0.006)
 
 
 @dataclass

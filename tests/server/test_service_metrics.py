@@ -48,6 +48,7 @@ EXPECTED = {
     "REQUEST_DURATION": ("amskv_request_duration_seconds", "histogram", ("endpoint",)),
     "QUEUE_WAIT": ("amskv_queue_wait_seconds", "histogram", ()),
     "BATCH_DURATION": ("amskv_batch_duration_seconds", "histogram", ("stage",)),
+    "SCALE_DURATION": ("amskv_scale_duration_seconds", "histogram", ("scale",)),
     "BATCH_SIZE": ("amskv_batch_size_images", "histogram", ()),
     "REQUEST_IMAGES": ("amskv_request_images", "histogram", ()),
 }
