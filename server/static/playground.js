@@ -143,7 +143,8 @@ async function generate(event) {
         final.alt = `image ${data.index}, class ${data.class_label}, seed ${data.seed}`;
         const link = target.querySelector(".download");
         link.href = final.src;
-        link.download = `image-${data.index}-class${data.class_label}-seed${data.seed}.png`;
+        // the file names of `amskv generate` and the zip answer (amskv/naming.py): 000_c7_s21.png
+        link.download = `${String(data.index).padStart(3, "0")}_c${data.class_label}_s${data.seed}.png`;
         link.hidden = false;
       } else if (kind === "done") {
         $("batch-images").textContent = data.usage.batch_images;

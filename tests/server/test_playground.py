@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from amskv.naming import image_file_name
 from tests.server.test_api import REPO, SERVER_ENV, Server  # the same real-server harness
 from tests.tools import find_tool
 
@@ -106,7 +107,7 @@ def test_two_images_refine_scale_by_scale_and_render_in_chromium(server, tmp_pat
     assert len(finals) == 2 and rendered == [32, 32]
     for src in finals:
         assert data_url_png(src).shape == (32, 32)
-    assert downloads == ["image-0-class7-seed21.png", "image-1-class3-seed22.png"]
+    assert downloads == [image_file_name(0, 7, 21), image_file_name(1, 3, 22)]  # the CLI's and the zip's names
     plain = httpx.post(f"{server.base}/v1/generate", json={"class_labels": [7, 3], "seed": 21}, timeout=120).json()
     assert [f.split(",", 1)[1] for f in finals] == [d["b64_json"] for d in plain["data"]]
     assert int(batch) >= 1
