@@ -9,7 +9,6 @@ import base64
 import io
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import httpx
 import numpy as np
