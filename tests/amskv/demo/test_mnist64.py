@@ -18,6 +18,7 @@ from amskv.model.loading import infer_var_config, infer_vqvae_config, load_pair,
 from amskv.model.var import VAR
 from amskv.sampling import SamplingParams
 from server.settings import Settings, describe_validation_error
+from tests.amskv.demo.test_train import digits
 from tests.tools import require_mnist
 
 MNIST64 = VAR_PRESETS["mnist64"]
@@ -25,20 +26,10 @@ TINY_VQVAE = VQVAETrainConfig(steps=8, batch_size=8, warmup_steps=2, restart_eve
 TINY_VAR = VARTrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)
 
 
-def _digits64(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic 64x64 images: a bright bar whose rows encode the label, in [-1, 1]."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=gen)
-    images = torch.full((n, 1, 64, 64), -1.0)
-    for i, label in enumerate(labels.tolist()):
-        images[i, 0, 8 + 4 * label:14 + 4 * label, 12:52] = 1.0
-    return images + 0.05 * torch.randn(images.shape, generator=gen), labels
-
-
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """A VQVAE and a VAR of the mnist64 shapes, each trained a few steps on synthetic 64x64 images."""
-    images, labels = _digits64()
+    images, labels = digits(64, size=64)
     out = tmp_path_factory.mktemp("mnist64")
     vae_result = train_vqvae(MNIST64.vae, images, out, TINY_VQVAE, progress=False, weights_name="mnist64_vae.pth")
     vae = load_vqvae(out / "mnist64_vae.pth", MNIST64.var.patch_nums)

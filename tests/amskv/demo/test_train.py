@@ -21,19 +21,23 @@ TINY_VQVAE = VQVAETrainConfig(steps=30, batch_size=16, warmup_steps=3, restart_e
 TINY_VAR = VARTrainConfig(steps=30, batch_size=16, warmup_steps=3, checkpoint_every=10)
 
 
-def _digits(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic digit-like images: a bright bar whose position encodes the label (N, 1, 32, 32) in [-1, 1]."""
+def digits(n: int = 256, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic digit-like images: a bright bar whose position encodes the label (N, 1, size, size) in [-1, 1].
+
+    ``size`` is 32 (the demo) or 64 (mnist64); the bar scales with it.
+    """
+    s = size // 32
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=gen)
-    images = torch.full((n, 1, 32, 32), -1.0)
+    images = torch.full((n, 1, size, size), -1.0)
     for i, label in enumerate(labels.tolist()):
-        images[i, 0, 4 + 2 * label:7 + 2 * label, 6:26] = 1.0  # a 3-px bar, rows set by the label
+        images[i, 0, s * (4 + 2 * label):s * (7 + 2 * label), 6 * s:26 * s] = 1.0  # a 3s-px bar, rows set by the label
     return images + 0.05 * torch.randn(images.shape, generator=gen), labels
 
 
 @pytest.fixture(scope="module")
 def trained_vae(tmp_path_factory):
-    images, labels = _digits()
+    images, labels = digits()
     out = tmp_path_factory.mktemp("vqvae")
     result = train_vqvae(DEMO.vae, images, out, TINY_VQVAE, progress=False)
     return result, out, images, labels
@@ -88,7 +92,7 @@ def test_vqvae_stage_learns_and_saves_a_loadable_state_dict(trained_vae):
 
 
 def test_vqvae_resume_continues_identically(tmp_path):
-    images, _ = _digits(128)
+    images, _ = digits(128)
     cfg = replace(TINY_VQVAE, steps=12, restart_every=4, checkpoint_every=4)
     whole = train_vqvae(DEMO.vae, images, tmp_path / "whole", cfg, progress=False)
     first = train_vqvae(DEMO.vae, images, tmp_path / "split", cfg, progress=False, max_new_steps=6)
