@@ -58,6 +58,12 @@ def bundled_checkpoints(model: str = DEFAULT_MODEL) -> tuple[Path, Path]:
     return var, vae
 
 
+def bundled_profile(model: str = DEFAULT_MODEL) -> Path | None:
+    """The shipped calibration profile of a bundled model, None when it has none."""
+    profile = _weights_dir() / bundled_files(model)[2]
+    return profile if profile.is_file() else None
+
+
 def with_demo_profile(policy: str, policy_args: dict | None, model: str = DEFAULT_MODEL) -> dict:
     """``amskv-static`` on a bundled model uses that model's own calibration unless given flags or a profile."""
     profile = _weights_dir() / bundled_files(model)[2]

@@ -85,6 +85,15 @@ def _place_working_sets(kept_peak: list[int], working: list[int]) -> tuple[tuple
     return best[1], best[2]
 
 
+def fraction_flags(depth: int, fraction: float) -> str:
+    """Per-layer flags with round(fraction x depth) demanding layers. Which layers does not matter for
+    memory (every layer has the same width), so the first ones are flagged."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"--demanding-fraction must be between 0 and 1, got {fraction}")
+    count = round(fraction * depth)
+    return "1" * count + "0" * (depth - count)
+
+
 def token_bytes(cfg: VARConfig, batch: int, dtype: torch.dtype, cfg_rows: int = 2) -> int:
     """K and V of one token position for the whole batch (CFG doubles the rows)."""
     return 2 * cfg_rows * batch * cfg.embed_dim * torch.empty((), dtype=dtype).element_size()

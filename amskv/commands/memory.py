@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64, help="images per batch")
     parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="KV dtype")
     parser.add_argument("--budget-gib", type=float, default=None, help="KV memory budget in GiB: report max batch")
+    parser.add_argument("--demanding-fraction", type=float, default=None, metavar="F",
+                        help="amskv/amskv-static: the memory when this share of the layers (0-1) is cache-demanding, "
+                             "round(F x depth) layers; the real share is a property of each checkpoint's calibration")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -45,13 +48,24 @@ def resolve_model(model: str):
 
 
 def memory_report(cfg, model_name: str, policy_name: str, policy_args: dict, batch: int, dtype: str,
-                  budget_gib: float | None = None) -> dict:
+                  budget_gib: float | None = None, demanding_fraction: float | None = None) -> dict:
     """Everything `amskv memory --json` prints. Per-image figures count K and V of both CFG rows."""
     from amskv.kvcache.policy import make_policy
     from amskv.kvcache.profile import check_profile_depth
-    from amskv.memory import kv_memory, max_batch, static_and_worst
+    from amskv.memory import fraction_flags, kv_memory, max_batch, plan_kv, static_and_worst
 
-    policy = make_policy(policy_name, cfg.patch_nums, policy_args)
+    profile = None
+    if demanding_fraction is not None:
+        if policy_name not in ("amskv", "amskv-static"):
+            raise ValueError(f"--demanding-fraction applies to amskv and amskv-static, not {policy_name!r}")
+        policy_args = {k: v for k, v in policy_args.items() if k not in ("profile", "demanding")}
+        flags = fraction_flags(cfg.depth, demanding_fraction)
+        if policy_name == "amskv-static":
+            policy_args["demanding"] = flags
+        else:  # online: the flags plan the allocation, as a calibration profile's do
+            profile = tuple(c == "1" for c in flags)
+    policy = make_policy(policy_name, cfg.patch_nums, policy_args, profile=profile)
+    plan = plan_kv(policy, cfg.patch_nums, cfg.depth)  # the plan kv_memory prices
     check_profile_depth(policy, policy_args, cfg.depth)
     mem = kv_memory(cfg, policy, batch, dtype)  # online AMS-KV: the worst case, which is what a batch allocates
     one = kv_memory(cfg, policy, 1, dtype)
@@ -63,6 +77,10 @@ def memory_report(cfg, model_name: str, policy_name: str, policy_args: dict, bat
     report = {
         "model": model_name, "depth": cfg.depth, "embed_dim": cfg.embed_dim, "patch_nums": list(cfg.patch_nums),
         "tokens": cfg.seq_len, "policy": policy.describe(), "dtype": dtype, "batch": batch,
+        "demanding_fraction": demanding_fraction,
+        # what the last scale attends to besides itself, per layer: the scales kept after the one before it
+        "last_scale_reads_scales_per_layer": [list(kept) for kept in plan.kept[-2]],
+        "last_scale_reads_tokens_per_layer": [sum(cfg.scale_tokens[s] for s in kept) for kept in plan.kept[-2]],
         "bytes_per_image": one.allocated_bytes,
         "peak_stored_bytes_per_image": one.peak_stored_bytes,
         "peak_working_set_bytes_per_image": one.peak_working_set_bytes,
@@ -134,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         policy_args = parse_policy_args(args.policy_arg)
         if args.model in BUNDLED_MODELS:  # as `amskv serve` runs it: amskv-static with the model's own calibration
             policy_args = with_demo_profile(args.policy, policy_args, args.model)
-        report = memory_report(cfg, name, args.policy, policy_args, args.batch, args.dtype, args.budget_gib)
+        report = memory_report(cfg, name, args.policy, policy_args, args.batch, args.dtype, args.budget_gib,
+                               args.demanding_fraction)
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

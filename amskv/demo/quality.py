@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,7 @@ from amskv.memory import kv_memory
 from amskv.sampling import SamplingParams
 
 EVAL_BATCH = 100
+NOISE_BLOCK = 100  # images per block of the noise estimate
 CLASSIFIER_SIZE = 32  # the shipped classifier's input; mnist64 images are area-downsampled to it
 REFERENCE_STATS = {32: REFERENCE_STATS_FILE, 64: REFERENCE_STATS_FILE_64}
 
@@ -47,6 +50,10 @@ class QualityReport:
     measured_stored_bytes_per_image: int  # what it held in these runs (online amskv: its real expansions)
     stored_fraction_of_vanilla: float  # measured
     allocated_fraction_of_vanilla: float
+    # the noise these runs recorded: standard error of the means of blocks of NOISE_BLOCK images
+    noise_blocks: int = 0
+    accuracy_se: float | None = None
+    psnr_se: float | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -70,19 +77,21 @@ def sample(engine, n: int, seed: int, params: SamplingParams, batch: int = EVAL_
 
 
 def evaluate(engine, n: int = 1000, seed: int = 0, cfg: float = 3.0, reference: Samples | None = None,
-             classifier=None) -> tuple[QualityReport, Samples]:
-    """Quality of ``engine``'s policy; ``reference`` (the `full` samples at the same seeds) is made if absent."""
+             classifier=None, reuse_reference: bool = False) -> tuple[QualityReport, Samples]:
+    """Quality of ``engine``'s policy; ``reference`` (the `full` samples at the same seeds) is made if absent.
+    ``reuse_reference``: ``engine`` runs `full` itself, so its samples are the reference (not generated twice)."""
     params = SamplingParams(cfg=cfg, top_k=0, top_p=0.0)
     classifier = classifier or load_classifier()
     if reference is None:
         reference = sample(engine.with_policy("full"), n, seed, params)
-    ours = sample(engine, n, seed, params)
+    ours = reference if reuse_reference else sample(engine, n, seed, params)
+    predicted = predict(classifier, for_classifier(ours.images))
     cfg_model = engine.config
     vanilla = kv_memory(cfg_model, make_policy("vanilla", cfg_model.patch_nums), 1, engine.dtype)
     mem = engine.memory(1)
     report = QualityReport(
         policy=engine.policy.describe(), n=n, seed=seed, cfg=cfg,
-        accuracy=class_accuracy(predict(classifier, for_classifier(ours.images)), ours.labels),
+        accuracy=class_accuracy(predicted, ours.labels),
         fd=fd_to_reference(features(classifier, for_classifier(ours.images)), reference_stats(engine.resolution)),
         token_agreement=token_agreement(ours.tokens, reference.tokens),
         psnr_vs_full=psnr(ours.images, reference.images),
@@ -91,8 +100,25 @@ def evaluate(engine, n: int = 1000, seed: int = 0, cfg: float = 3.0, reference: 
         measured_stored_bytes_per_image=ours.peak_stored_per_image,
         stored_fraction_of_vanilla=ours.peak_stored_per_image / vanilla.allocated_bytes,
         allocated_fraction_of_vanilla=mem.allocated_bytes / vanilla.allocated_bytes,
+        **block_noise(predicted, ours, reference),
     )
     return report, reference
+
+
+def block_noise(predicted: torch.Tensor, ours: Samples, reference: Samples) -> dict:
+    """Standard errors of accuracy and PSNR from blocks of NOISE_BLOCK images (needs two blocks or more)."""
+    accs, psnrs = [], []
+    for start in range(0, len(ours.labels) - NOISE_BLOCK + 1, NOISE_BLOCK):
+        block = slice(start, start + NOISE_BLOCK)
+        accs.append(class_accuracy(predicted[block], ours.labels[block]))
+        value = psnr(ours.images[block], reference.images[block])
+        if math.isfinite(value):
+            psnrs.append(value)
+
+    def standard_error(values):
+        return float(torch.tensor(values).std() / math.sqrt(len(values))) if len(values) > 1 else None
+
+    return {"noise_blocks": len(accs), "accuracy_se": standard_error(accs), "psnr_se": standard_error(psnrs)}
 
 
 def for_classifier(images_u8: torch.Tensor) -> torch.Tensor:
@@ -108,47 +134,3 @@ def reference_stats(resolution: int):
     if resolution not in REFERENCE_STATS:
         raise ValueError(f"eval-quality knows MNIST at {sorted(REFERENCE_STATS)} px, not {resolution}")
     return load_reference_stats(name=REFERENCE_STATS[resolution])
-
-
-# The comparison of docs/demo-model.md: (label, policy, args). c_min/c_max are tokens per layer and sequence;
-# the demo's scales hold 1, 4, 9, 16, 25, 36 and 64 tokens (condensed scales 0-1: 5 tokens).
-SWEEP: list[tuple[str, str, dict]] = [
-    ("full", "full", {}),
-    ("vanilla", "vanilla", {}),
-    ("amskv default preset", "amskv", {}),
-    ("amskv aggressive preset", "amskv", {"preset": "aggressive"}),
-    ("amskv-static default, shipped profile", "amskv-static", {"profile": "bundled"}),
-    ("amskv cds=2 c_min=41 c_max=66 theta=0.45", "amskv", {"c_cds": 2, "c_min": 41, "c_max": 66, "theta": 0.45}),
-    ("amskv cds=1 c_min=37 c_max=62 theta=0.45", "amskv", {"c_cds": 1, "c_min": 37, "c_max": 62, "theta": 0.45}),
-    ("amskv-static default, layer 3 demanding instead", "amskv-static", {"demanding": "0001"}),
-    ("amskv-static cds=2 41/66, layer 0 demanding", "amskv-static",
-     {"c_cds": 2, "c_min": 41, "c_max": 66, "demanding": "1000"}),
-    ("amskv cds=2 c_min=c_max=41 (no expansion)", "amskv", {"c_cds": 2, "c_min": 41, "c_max": 41}),
-    ("amskv cds=2 c_min=c_max=66 (all layers expanded)", "amskv", {"c_cds": 2, "c_min": 66, "c_max": 66}),
-    ("window w=1", "window", {"window": 1}),
-    ("window w=2", "window", {"window": 2}),
-    ("sink 1 + w=1", "sink", {"sink": 1, "window": 1}),
-    ("sink 2 + w=1", "sink", {"sink": 2, "window": 1}),
-    ("sink 2 + w=2", "sink", {"sink": 2, "window": 2}),
-    ("current scale only (window w=0)", "window", {"window": 0}),
-]
-
-
-def sweep(engine, n: int, seed: int, cfgs: tuple[float, ...], profile_path=None, progress=print) -> list[dict]:
-    """One row per (policy, cfg); the `full` samples at each cfg are made once and shared."""
-    classifier = load_classifier()
-    rows = []
-    for cfg in cfgs:
-        reference = sample(engine.with_policy("full"), n, seed, SamplingParams(cfg=cfg, top_k=0, top_p=0.0))
-        for label, name, args in SWEEP:
-            args = dict(args)
-            if args.get("profile") == "bundled":
-                if profile_path is None:
-                    continue  # no profile given: the row is left out
-                args["profile"] = str(profile_path)
-            report, _ = evaluate(engine.with_policy(name, args), n, seed, cfg, reference, classifier)
-            row = {"label": label, **report.to_dict()}
-            progress(f"cfg {cfg} {label}: acc {row['accuracy']:.4f} fd {row['fd']:.3f} "
-                     f"psnr {row['psnr_vs_full']} stored {row['stored_fraction_of_vanilla']:.3f}")
-            rows.append(row)
-    return rows

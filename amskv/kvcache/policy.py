@@ -120,7 +120,7 @@ class AMSKVPolicy(KVPolicy):
 
     name = "amskv"
 
-    def __init__(self, c_cds: int = 2, c_min: int = 100, c_max: int = 155, theta: float = 0.8,
+    def __init__(self, c_cds: int = 2, c_min: int = 174, c_max: int = 274, theta: float = 0.8,
                  evict_newest: bool = False, demanding: tuple[bool, ...] | None = None,
                  planned: tuple[bool, ...] | None = None):
         if c_cds < 0 or c_min < 0 or c_max < c_min:
@@ -186,20 +186,42 @@ class AMSKVPolicy(KVPolicy):
         return Decision(keep=si in state.kept, evict=tuple(s for s in evicted if s != si))
 
 
-# Named parameter sets. Units: c_cds in scales, c_min/c_max in tokens per layer and sequence.
-# Chosen with `amskv memory` (targets: default <= 25% and aggressive <= 15% of vanilla's bytes at d30)
-# and the demo-model quality table (docs/demo-model.md).
+# Named parameter sets, chosen by quality on the 680-token mnist64 model (docs/mnist64-sweep.md), and written
+# in scales so that one choice carries to every released layout (the transfer rule, docs/kv-cache.md §4):
+#   c_cds      condensed scales, locked (1x1 and 2x2: 5 tokens);
+#   local_min  how many of the scales just before the last one an efficient layer's budget holds;
+#   local_max  the same for a cache-demanding layer.
+# c_min = tokens(condensed) + tokens(the local_min scales before the last); c_max likewise with local_max.
+# At 256 px that is 5 + 169 = 174 and 5 + 169 + 100 = 274; at 512 px 5 + 576 = 581 and 581 + 324 = 905.
+PRESET_RULES: dict[str, dict] = {
+    "default": {"c_cds": 2, "local_min": 1, "local_max": 2},
+    "aggressive": {"c_cds": 2, "local_min": 1, "local_max": 1},
+}
+# The 155-token demo layout keeps the token budgets chosen from its own table (docs/demo-model.md).
+DEMO_PRESETS: dict[str, dict] = {
+    "default": {"c_cds": 2, "c_min": 30, "c_max": 55, "theta": 0.45},
+    "aggressive": {"c_cds": 2, "c_min": 30, "c_max": 30, "theta": 0.45},
+}
+PATCH_NUMS_BY_LAYOUT = {"256": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "512": (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
+
+
+def preset_budgets(rule: dict, patch_nums: tuple[int, ...]) -> dict:
+    """Token budgets of a scale-unit preset on one layout (see PRESET_RULES)."""
+    tokens = [pn * pn for pn in patch_nums]
+    condensed = sum(tokens[:rule["c_cds"]])
+
+    def local(k: int) -> int:  # condensed + the k scales just before the last one
+        return condensed + sum(tokens[len(tokens) - 1 - k:len(tokens) - 1])
+
+    budgets = {"c_cds": rule["c_cds"], "c_min": local(rule["local_min"]), "c_max": local(rule["local_max"])}
+    return budgets | {k: v for k, v in rule.items() if k not in ("c_cds", "local_min", "local_max")}
+
+
+# preset -> layout ("256", "512", "demo") -> AMSKVPolicy parameters
 AMSKV_PRESETS: dict[str, dict[str, dict]] = {
-    "default": {
-        "256": {"c_cds": 2, "c_min": 100, "c_max": 155},
-        "512": {"c_cds": 2, "c_min": 330, "c_max": 640},
-        "demo": {"c_cds": 2, "c_min": 30, "c_max": 55, "theta": 0.45},
-    },
-    "aggressive": {
-        "256": {"c_cds": 2, "c_min": 64, "c_max": 64},
-        "512": {"c_cds": 2, "c_min": 200, "c_max": 330},
-        "demo": {"c_cds": 2, "c_min": 30, "c_max": 30, "theta": 0.45},
-    },
+    name: {**{layout: preset_budgets(rule, pns) for layout, pns in PATCH_NUMS_BY_LAYOUT.items()},
+           "demo": DEMO_PRESETS[name]}
+    for name, rule in PRESET_RULES.items()
 }
 POLICY_NAMES = ("vanilla", "full", "window", "sink", "amskv", "amskv-static")
 # The policy the CLI commands and the server use unless told otherwise: batch-invariant (an image does not

@@ -22,10 +22,10 @@ def test_d30_amskv_json(capsys):
                 "peak_stored_bytes_per_image", "peak_working_set_bytes_per_image", "per_layer_bytes_per_image"):
         assert key in r, key
     assert r["vanilla_bytes_per_image"] == VANILLA_D30_BF16
-    assert r["bytes_per_image"] == (30 * 155 + 361) * 4 * 1920 * 2
+    assert r["bytes_per_image"] == (30 * 274 + 530) * 4 * 1920 * 2  # 174/274 tokens, every layer demanding
     assert r["batch_bytes"] == 256 * r["bytes_per_image"]
     assert r["reduction_vs_vanilla"] == pytest.approx(1 - r["bytes_per_image"] / VANILLA_D30_BF16)
-    assert 0.7 < r["reduction_vs_vanilla"] < 0.8 and 0 < r["reduction_vs_full"] < r["reduction_vs_vanilla"]
+    assert 0.5 < r["reduction_vs_vanilla"] < 0.6 and 0 < r["reduction_vs_full"] < r["reduction_vs_vanilla"]
     assert r["max_batch"] == 256  # capped
     assert r["vanilla_max_batch"] == 60 * GIB // VANILLA_D30_BF16 == 205
     assert len(r["per_layer_bytes_per_image"]) == 30
@@ -56,7 +56,7 @@ def test_default_policy_is_the_servers(capsys):
     d30 = memory_json(capsys, "--model", "d30")
     online = memory_json(capsys, "--model", "d30", "--policy", "amskv")
     # no profile for d30: every layer may expand, which is what online AMS-KV allocates
-    assert d30["policy"] == "amskv-static(c_cds=2, c_min=100, c_max=155, demanding_layers=all)"
+    assert d30["policy"] == "amskv-static(c_cds=2, c_min=174, c_max=274, demanding_layers=all)"
     assert d30["bytes_per_image"] == online["bytes_per_image"]
     # the demo preset is costed as `amskv serve` runs it: with the bundled calibration profile
     demo = memory_json(capsys, "--model", "demo")
@@ -86,3 +86,31 @@ def test_static_profile_and_errors(capsys, tmp_path):
     assert main(["memory", "--batch", "0"]) == 2
     r = memory_json(capsys, "--model", "d16", "--policy", "amskv-static", "--policy-arg", "demanding=" + "1" * 16)
     assert set(r["cases"]) == {"worst_case", "exact"}
+
+
+def test_demanding_fraction_every_layer_keeps_the_13x13_scale(capsys):
+    """The must-show of the presets issue: with every layer demanding, the last scale reads 1x1, 2x2, 10x10 and
+    13x13 in every layer (5 + 100 + 169 tokens), so the scale just before the last is never dropped."""
+    r = memory_json(capsys, "--model", "d30", "--policy", "amskv-static", "--demanding-fraction", "1",
+                    "--batch", "1", "--dtype", "bf16")
+    assert r["demanding_fraction"] == 1.0 and "demanding_layers=all" in r["policy"]
+    assert r["last_scale_reads_scales_per_layer"] == [[0, 1, 7, 8]] * 30
+    assert min(r["last_scale_reads_tokens_per_layer"]) >= 5 + 169
+    assert r["peak_stored_bytes_per_image"] == 30 * 274 * 4 * 1920 * 2
+
+
+def test_demanding_fraction_scales_the_memory(capsys):
+    per_token = 4 * 1920 * 2
+
+    def stored(fraction, policy="amskv-static"):
+        return memory_json(capsys, "--model", "d30", "--policy", policy, "--demanding-fraction", str(fraction),
+                           "--batch", "1")["peak_stored_bytes_per_image"]
+
+    # round(F x 30) layers keep 274 tokens at the end, the others 174 (condensed + 13x13)
+    for fraction, demanding in ((0, 0), (0.25, 8), (0.5, 15), (1, 30)):
+        assert stored(fraction) == (demanding * 274 + (30 - demanding) * 174) * per_token
+    assert stored(0.25, "amskv") == stored(0.25)  # online: the flags plan the allocation, as a profile's do
+    assert main(["memory", "--model", "d30", "--policy", "full", "--demanding-fraction", "0.5"]) == 2
+    assert "amskv and amskv-static" in capsys.readouterr().err
+    assert main(["memory", "--model", "d30", "--demanding-fraction", "1.5"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err

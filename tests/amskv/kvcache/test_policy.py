@@ -143,3 +143,20 @@ def test_static_flags_replace_the_online_test():
         for si in range(10):
             pol.decide(state, layer, si, TOKENS_256, lambda: pytest.fail("a static policy never asks"))
         assert state.expanded_at == expanded
+
+
+def test_presets_follow_the_scale_rule():
+    """Presets are written in scales (docs/kv-cache.md §4): c_min = condensed + the scale before the last,
+    c_max = that + the one before it, on every released layout; the demo keeps its own token budgets."""
+    from amskv.kvcache.policy import DEMO_PRESETS, preset_budgets
+
+    assert AMSKV_PRESETS["default"]["256"] == {"c_cds": 2, "c_min": 5 + 169, "c_max": 5 + 169 + 100}
+    assert AMSKV_PRESETS["default"]["512"] == {"c_cds": 2, "c_min": 5 + 24 * 24, "c_max": 5 + 24 * 24 + 18 * 18}
+    assert AMSKV_PRESETS["default"]["demo"] == DEMO_PRESETS["default"]
+    assert preset_budgets({"c_cds": 1, "local_min": 0, "local_max": 3}, PATCH_NUMS_256) == \
+        {"c_cds": 1, "c_min": 1, "c_max": 1 + 169 + 100 + 64}
+    for preset in AMSKV_PRESETS:  # the rule keeps the previous scale in every layer, demanding or not
+        for patch_nums in (PATCH_NUMS_256, PATCH_NUMS_512):
+            kept, *_ = run_layer(make_policy("amskv", patch_nums, {"preset": preset}),
+                                 tuple(pn * pn for pn in patch_nums), demanding=lambda si: False)
+            assert len(patch_nums) - 2 in kept[-2]
