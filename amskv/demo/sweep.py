@@ -41,24 +41,19 @@ SWEEP_DEMO: list[tuple[str, str, dict]] = [
 # calibration; "anti" flags the same number of layers, the most similar ones instead of the least.
 SWEEP_256: list[tuple[str, str, dict]] = [
     ("full", "full", {}),
-    ("vanilla", "vanilla", {}),
+    ("vanilla (same attention as full: its images are full's, not generated again)", "vanilla", {}),
     ("window w=1", "window", {"window": 1}),
-    ("window w=2", "window", {"window": 2}),
     ("sink 2 + w=1", "sink", {"sink": 2, "window": 1}),
     ("sink 2 + w=2", "sink", {"sink": 2, "window": 2}),
-    ("sink 2 + w=3", "sink", {"sink": 2, "window": 3}),
     ("amskv-static 174/274, calibrated", "amskv-static", {"c_min": 174, "c_max": 274, "profile": "bundled"}),
     ("amskv-static 174/274, most similar layers demanding", "amskv-static",
      {"c_min": 174, "c_max": 274, "profile": "anti"}),
     ("uniform budget at the bytes of 174/274", "amskv-static", {"c_min": "equal", "c_max": "equal",
                                                                 "demanding": "none"}),
     ("amskv-static 174/338, calibrated", "amskv-static", {"c_min": 174, "c_max": 338, "profile": "bundled"}),
-    ("amskv-static 174/424, calibrated", "amskv-static", {"c_min": 174, "c_max": 424, "profile": "bundled"}),
     ("amskv-static 174/174 (no layer expands)", "amskv-static", {"c_min": 174, "c_max": 174, "demanding": "none"}),
     ("efficient layers skip 13x13 (105/274, evict newest)", "amskv-static",
      {"c_min": 105, "c_max": 274, "evict_newest": True, "profile": "bundled"}),
-    ("efficient layers keep condensed only (5/174, evict newest)", "amskv-static",
-     {"c_min": 5, "c_max": 174, "evict_newest": True, "profile": "bundled"}),
     ("previous default 100/155 (no layer caches 13x13)", "amskv-static",
      {"c_min": 100, "c_max": 155, "profile": "bundled"}),
 ]
@@ -100,8 +95,11 @@ def sweep(engine, n: int, seed: int, cfgs: tuple[float, ...], profile_path=None,
             args = resolve_args(args, profile_path, engine.config.depth)
             if args is None:
                 continue  # no profile given: the row is left out
+            # vanilla attends exactly as full does (only its memory differs; tests/amskv/test_memory.py checks
+            # the tokens are equal), so on the 680-token sweep its row reuses full's images
+            reuse = name == "full" or (name == "vanilla" and table is SWEEP_256)
             report, _ = evaluate(engine.with_policy(name, args), n, seed, cfg, reference, classifier,
-                                 reuse_reference=name == "full")
+                                 reuse_reference=reuse)
             row = {"label": label, "policy_name": name, "policy_args": args, **report.to_dict()}
             progress(f"cfg {cfg} {label}: acc {row['accuracy']:.4f} fd {row['fd']:.3f} "
                      f"psnr {row['psnr_vs_full']} stored {row['stored_fraction_of_vanilla']:.3f}")

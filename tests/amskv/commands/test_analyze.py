@@ -50,13 +50,13 @@ def test_density_is_attention_mass_per_key_token(analysis):
 
 
 def test_similarity_matches_the_online_test(analysis, golden_engine):
-    """Up to the first overflow the amskv cache equals the full one, so the online test at scale 6 must
-    measure exactly what the analysis measured."""
+    """Up to the first overflow the amskv cache equals the full one, so the online test at scale 7 (10x10: 255 > 174
+    tokens) must measure exactly what the analysis measured."""
     _, report = analysis
     res = golden_engine.with_policy("amskv", {"theta": -2}).generate_tokens(
         report["labels"], report["seeds"], SamplingParams(cfg=report["cfg"]))
     for layer in (0, 1):
-        assert report["similarity"][str(layer)]["6"] == pytest.approx(res.similarities[layer][6], abs=1e-6)
+        assert report["similarity"][str(layer)]["7"] == pytest.approx(res.similarities[layer][7], abs=1e-6)
         assert set(report["similarity"][str(layer)]) == {str(s) for s in range(1, 10)}
 
 
@@ -64,7 +64,7 @@ def test_kept_scales_under_the_policy(analysis):
     _, report = analysis
     vis = report["visibility"]
     assert vis[0][0] == vis[0][1] == 1.0  # condensed scales: every later scale sees them
-    assert vis[0][8] == 0.0 and vis[0][9] is None  # 169 > c_max: skipped; nothing follows the last scale
+    assert vis[0][8] == 1.0 and vis[0][9] is None  # 13x13 (169 <= c_max) is kept; nothing follows the last scale
     assert len(report["kept_after_scale"]) == 1 and len(report["kept_after_scale"][0]) == 10
 
 
@@ -72,7 +72,7 @@ def test_profile_is_accepted_by_amskv_static(analysis):
     out, report = analysis
     profile = read_profile(out / "profile.json")
     assert profile.depth == 2 and sum(profile.demanding) == 1 and profile.fraction == 0.5
-    assert profile.test_scales == (6, 7) and profile.samples == 2 and profile.target_fraction == 0.5
+    assert profile.test_scales == (7, 8) and profile.samples == 2 and profile.target_fraction == 0.5
     low = min(profile.layer_similarity)
     assert profile.demanding == tuple(v == low for v in profile.layer_similarity)
     assert all((v < profile.theta) == d for v, d in zip(profile.layer_similarity, profile.demanding))
@@ -97,7 +97,7 @@ def test_calibration_thresholds():
 
 
 def test_online_test_scales():
-    assert online_test_scales(make_policy("amskv", PATCH_NUMS_256), PATCH_NUMS_256) == (6, 7)
+    assert online_test_scales(make_policy("amskv", PATCH_NUMS_256), PATCH_NUMS_256) == (7, 8)
     assert online_test_scales(make_policy("amskv", PATCH_NUMS_256, {"c_min": 680, "c_max": 680}),
                               PATCH_NUMS_256) == ()
     scales = online_test_scales(make_policy("amskv", PATCH_NUMS_DEMO), PATCH_NUMS_DEMO)

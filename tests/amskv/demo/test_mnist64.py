@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 from pydantic import ValidationError
 
 from amskv.cli import main as cli_main
@@ -132,22 +133,30 @@ def test_mnist64_data_is_the_padded_digit_upsampled_and_judged_after_an_area_dow
     assert (predict(load_classifier(), back) == labels[:500]).float().mean() > 0.95
 
 
-def _bundled_mnist64_missing() -> list[str]:
-    return [name for name in bundled_files("mnist64")[:2] if not (_weights_dir() / name).is_file()]
+def test_both_mnist64_checkpoints_ship():
+    assert all((_weights_dir() / name).is_file() for name in bundled_files("mnist64"))  # VAR, VQVAE, profile
 
 
 @pytest.mark.parametrize("command", [["generate", "--classes", "3", "--out", "{tmp}"], ["eval-quality", "--n", "10"]])
 def test_cli_selects_mnist64_by_name(command, tmp_path, capsys):
     argv = [part.format(tmp=tmp_path) for part in command] + ["--model", "mnist64"]
-    status = cli_main(argv)
+    assert cli_main(argv) == 0
     captured = capsys.readouterr()
-    missing = _bundled_mnist64_missing()
-    if missing:  # while its VAR trains: a clear one-line error that names the missing files
-        assert status == 2
-        assert "mnist64 has no trained weights yet" in captured.err and all(m in captured.err for m in missing)
-        assert len(captured.err.strip().splitlines()) == 1
+    if command[0] == "generate":
+        with Image.open(next(tmp_path.glob("*.png"))) as image:
+            assert image.size == (64, 64)
     else:
-        assert status == 0 and '"model": "mnist64"' in captured.out
+        assert "images            10 (seed 0, cfg 3.0)" in captured.out
+
+
+def test_a_missing_bundled_file_is_one_line_that_names_it(tmp_path, monkeypatch, capsys):
+    import amskv.engine
+
+    monkeypatch.setattr(amskv.engine, "_weights_dir", lambda: tmp_path)
+    assert cli_main(["generate", "--classes", "3", "--out", str(tmp_path / "out"), "--model", "mnist64"]) == 2
+    err = capsys.readouterr().err
+    assert "mnist64 has no trained weights yet" in err and "mnist64_var.pth" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_cli_refuses_a_model_name_together_with_paths(tmp_path, capsys):
@@ -174,14 +183,8 @@ def test_settings_select_a_bundled_model_and_exclude_paths():
     assert "invalid setting AMSKV_MODEL" in describe_validation_error(excinfo.value)
 
 
-def test_serve_refuses_mnist64_at_start_up_while_its_weights_are_missing(capsys):
+def test_serve_accepts_mnist64_by_name():
     from server.cli import check_paths
 
-    problems = check_paths(Settings(model="mnist64"))
-    missing = _bundled_mnist64_missing()
-    if missing:
-        assert len(problems) == 1 and problems[0].startswith("invalid setting AMSKV_MODEL")
-        assert all(name in problems[0] for name in missing)
-    else:
-        assert problems == []
+    assert check_paths(Settings(model="mnist64")) == []
     assert check_paths(Settings()) == []  # the demo ships
