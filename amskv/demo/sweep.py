@@ -78,6 +78,8 @@ def resolve_args(args: dict, profile_path, depth: int) -> dict | None:
     if args.get("demanding") == "none":
         args["demanding"] = "0" * depth
     if args.get("c_min") == "equal":  # every layer gets the mean budget of calibrated 174/274
+        if profile_path is None:
+            return None
         demanding = sum(read_profile(profile_path).demanding)
         mean = (demanding * 274 + (depth - demanding) * 174) // depth
         args["c_min"] = args["c_max"] = mean

@@ -30,6 +30,7 @@ def test_rows_resolve_to_concrete_policy_arguments(profile):
     uniform = resolve_args(rows["uniform budget at the bytes of 174/274"][1], profile, 6)
     assert uniform == {"c_min": 207, "c_max": 207, "demanding": "000000"}
     assert resolve_args(rows["amskv-static 174/274, calibrated"][1], None, 6) is None  # no profile: row left out
+    assert resolve_args(rows["uniform budget at the bytes of 174/274"][1], None, 6) is None
     assert len(rows) == len(SWEEP_256)  # labels are unique
 
 
