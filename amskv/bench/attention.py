@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from amskv.bench.common import Plot, Report, interleaved, md_table, median, random_pair, spread
-from amskv.bench.memory import POLICIES
+from amskv.bench.memory import POLICIES, bench_policy
 from amskv.config import VAR_PRESETS, VARConfig
 from amskv.kvcache.policy import make_policy
 from amskv.memory import DTYPES, plan_kv
@@ -29,7 +29,7 @@ def policy_shapes(cfg: VARConfig, name: str, args: dict) -> Counter:
 
     Online amskv is planned for its worst case (every layer expands at its first overflow), as storage is.
     """
-    plan = plan_kv(make_policy(name, cfg.patch_nums, args), cfg.patch_nums, cfg.depth)
+    plan = plan_kv(bench_policy(name, cfg, args), cfg.patch_nums, cfg.depth)
     tokens = cfg.scale_tokens
     shapes: Counter = Counter()
     for si, T in enumerate(tokens):

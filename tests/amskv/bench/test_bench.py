@@ -35,16 +35,18 @@ def test_memory_suite_measured_bytes_equal_the_arithmetic(tmp_path):
 
 
 def test_memory_headline_at_d30():
+    """The presets' exact shares at d30 (docs/benchmarks.md): chosen by quality, so these are reported, not targets."""
     rows = memory.policy_table(("d30",), ("bf16",))
     by = {r["policy"]: r for r in rows}
     assert by["vanilla"]["stored_vs_vanilla"] == 1.0
-    assert by["amskv default"]["stored_vs_vanilla"] <= 0.25
-    assert by["amskv aggressive"]["stored_vs_vanilla"] <= 0.15
+    assert by["amskv default"]["stored_vs_vanilla"] == pytest.approx(274 / 680)  # no profile: every layer expands
+    assert by["amskv-static, 25 % demanding"]["stored_vs_vanilla"] == pytest.approx((8 * 274 + 22 * 174) / (30 * 680))
+    assert by["amskv aggressive"]["stored_vs_vanilla"] == by["sink"]["stored_vs_vanilla"] == pytest.approx(174 / 680)
     batches = {b["policy"]: b["max_batch"] for b in memory.batch_table(rows)}
     for gib in ("40", "60", "80"):
-        assert batches["amskv default"][gib] >= 2 * batches["full"][gib]
+        assert batches["full"][gib] < batches["amskv-static, 25 % demanding"][gib] < batches["amskv aggressive"][gib]
     fits = {b["policy"]: b["fits"]["80"] for b in memory.batch_table(rows)}
-    assert not fits["vanilla"]["256"] and fits["amskv default"]["256"]
+    assert not fits["vanilla"]["256"] and fits["amskv-static, 25 % demanding"]["256"]
 
 
 def test_activation_estimate_grows_with_batch_budget():
@@ -61,9 +63,8 @@ def test_attention_shapes_follow_the_policy():
     cumulative = [1, 5, 14, 30, 55, 91, 155, 255, 424, 680]
     assert vanilla == {(t, k): cfg.depth for t, k in zip(cfg.scale_tokens, cumulative)}
     aggressive = attention.policy_shapes(cfg, "amskv", {"preset": "aggressive"})
-    # at most c_max = 64 kept tokens besides the current scale, plus the 5 locked condensed ones when the
-    # newest (never evicted) scale alone fills the budget
-    assert max(k - q for q, k in aggressive) == 64 + 5
+    # at most c_max = 174 kept tokens besides the current scale: the condensed 5 and the 13x13 scale
+    assert max(k - q for q, k in aggressive) == 5 + 169
 
 
 def test_attention_suite(tmp_path):

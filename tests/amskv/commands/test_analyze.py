@@ -82,7 +82,8 @@ def test_profile_is_accepted_by_amskv_static(analysis):
 
 
 def test_calibration_thresholds():
-    sims = {0: {6: 0.2, 7: 0.4}, 1: {6: 0.9, 7: 0.9}, 2: {6: 0.5, 7: 0.7}, 3: {1: 0.0, 6: 0.95, 7: 0.97}}
+    # the default preset's test scales are 7 and 8 (10x10 and 13x13)
+    sims = {0: {7: 0.2, 8: 0.4}, 1: {7: 0.9, 8: 0.9}, 2: {7: 0.5, 8: 0.7}, 3: {1: 0.0, 7: 0.95, 8: 0.97}}
     policy = make_policy("amskv", PATCH_NUMS_256)
     by_theta = calibrate(sims, 4, policy, PATCH_NUMS_256, theta=0.65)
     assert by_theta.layer_similarity == pytest.approx((0.3, 0.9, 0.6, 0.96))  # scale 1 is no test scale
