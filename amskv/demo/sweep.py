@@ -43,6 +43,8 @@ SWEEP_256: list[tuple[str, str, dict]] = [
     ("full", "full", {}),
     ("vanilla (same attention as full: its images are full's, not generated again)", "vanilla", {}),
     ("window w=1", "window", {"window": 1}),
+    ("window w=2", "window", {"window": 2}),
+    ("window w=3", "window", {"window": 3}),
     ("sink 2 + w=1", "sink", {"sink": 2, "window": 1}),
     ("sink 2 + w=2", "sink", {"sink": 2, "window": 2}),
     ("amskv-static 174/274, calibrated", "amskv-static", {"c_min": 174, "c_max": 274, "profile": "bundled"}),
