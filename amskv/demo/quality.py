@@ -89,10 +89,10 @@ def evaluate(engine, n: int = 1000, seed: int = 0, cfg: float = 3.0, reference: 
     predicted = predict(classifier, for_classifier(ours.images))
     cfg_model = engine.config
     # reused samples were made by `full`: another (static) policy's bytes are its plan's, which are exact
-    stored = ours.peak_stored_per_image if not reuse_reference or engine.policy.name == "full" else \
-        engine.memory(1).peak_stored_bytes
-    vanilla = kv_memory(cfg_model, make_policy("vanilla", cfg_model.patch_nums), 1, engine.dtype)
     mem = engine.memory(1)
+    stored = ours.peak_stored_per_image if not reuse_reference or engine.policy.name == "full" else \
+        mem.peak_stored_bytes
+    vanilla = kv_memory(cfg_model, make_policy("vanilla", cfg_model.patch_nums), 1, engine.dtype)
     report = QualityReport(
         policy=engine.policy.describe(), n=n, seed=seed, cfg=cfg,
         accuracy=class_accuracy(predicted, ours.labels),

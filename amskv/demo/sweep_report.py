@@ -13,10 +13,12 @@ from pathlib import Path
 
 
 def load_rows(paths: list[Path]) -> tuple[dict, list[dict]]:
-    meta, rows = {}, []
+    """The rows of every file, and their run parameters: model, n, seed and profile once, the cfgs of all files."""
+    meta, rows = {"files": [str(p) for p in paths], "cfgs": []}, []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        meta = {k: v for k, v in data.items() if k != "rows"} | {"files": [str(p) for p in paths]}
+        meta |= {k: v for k, v in data.items() if k not in ("rows", "cfgs")}
+        meta["cfgs"] += data.get("cfgs", [])
         rows.extend(data["rows"])
     return meta, rows
 
