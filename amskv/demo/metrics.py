@@ -141,4 +141,4 @@ def class_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of predicted labels (N,) equal to the requested/true labels (N,)."""
     if pred.shape != labels.shape or pred.numel() == 0:
         raise ValueError(f"need equal non-empty shapes, got {tuple(pred.shape)} and {tuple(labels.shape)}")
-    return float((pred == labels).float().mean())
+    return int((pred == labels).sum()) / pred.numel()  # exact count over a Python float division, not a float32 mean
