@@ -1,13 +1,18 @@
 """The playground page in a real browser: Debian's Chromium, driven by Playwright, on a live `amskv serve`.
 
 Playwright drives the system Chromium (`executable_path`); `playwright install` is never run (it downloads
-a browser). The test also saves the page's screenshot to docs/playground.png (the README shows it).
+a browser). The test saves the page's screenshot under its tmp_path; with `AMSKV_UPDATE_DOCS=1` it also
+copies it to docs/playground.png (the README shows it), so a plain run leaves the working tree clean:
+
+    AMSKV_UPDATE_DOCS=1 python -m pytest -q tests/server/test_playground.py
 """
 from __future__ import annotations
 
 import base64
 import io
+import os
 import re
+import shutil
 from html.parser import HTMLParser
 
 import httpx
@@ -19,7 +24,7 @@ from amskv.naming import image_file_name
 from tests.server.test_api import REPO, SERVER_ENV, Server  # the same real-server harness
 from tests.tools import find_tool
 
-SCREENSHOT = REPO / "docs" / "playground.png"
+DOC_SCREENSHOT = REPO / "docs" / "playground.png"  # rewritten only with AMSKV_UPDATE_DOCS=1
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EXTERNAL = re.compile(r"(?:https?:)?//[a-z0-9.-]+", re.IGNORECASE)
@@ -68,6 +73,7 @@ def test_two_images_refine_scale_by_scale_and_render_in_chromium(server, tmp_pat
     chromium = find_tool("chromium")
     from playwright.sync_api import sync_playwright
 
+    screenshot = tmp_path / "playground.png"
     card = httpx.get(f"{server.base}/v1/models").json()["data"][0]
     requests: list[str] = []
     with sync_playwright() as driver:
@@ -95,8 +101,7 @@ def test_two_images_refine_scale_by_scale_and_render_in_chromium(server, tmp_pat
                 "img.final", "els => els.map(e => e.complete && e.naturalWidth)")
             batch = page.inner_text("#batch-images")
             assert page.inner_text("#queue-requests").isdigit()
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
 
@@ -112,4 +117,6 @@ def test_two_images_refine_scale_by_scale_and_render_in_chromium(server, tmp_pat
     assert int(batch) >= 1
     external = [url for url in requests if not url.startswith((server.base, "data:"))]
     assert external == []
-    assert Image.open(SCREENSHOT).size[0] >= 1000
+    assert Image.open(screenshot).size[0] >= 1000
+    if os.environ.get("AMSKV_UPDATE_DOCS") == "1":
+        shutil.copyfile(screenshot, DOC_SCREENSHOT)
