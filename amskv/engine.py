@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from amskv.model.loading import CheckpointError, load_pair
 from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
 from amskv.sampling import RowParams, SamplingParams
+from amskv.step import Cohort, StepResult, new_cohort, run_step
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,23 @@ class Engine:
     def new_pool(self, images: int) -> KVPool:
         """KV buffers for up to ``images`` images under this policy, for ``generate(..., pool=)`` to reuse."""
         return plan_pool(self.var, self.policy, images, self.var.blocks[0].attn.mat_qkv.weight.dtype, self.device)
+
+    @torch.inference_mode()
+    def start_cohort(self, pool: KVPool, slot: int, labels: Sequence[int], seeds: Sequence[int],
+                     params: Sequence[SamplingParams], tags: Sequence[Any],
+                     previews: Sequence[Collection[int]] | None = None, order: int = 0) -> Cohort:
+        """Images that will run in lockstep, one scale per ``step``, on KV slots ``slot .. slot + n`` of ``pool``."""
+        params = self._validate(labels, seeds, params)
+        lab = torch.tensor([int(c) for c in labels], dtype=torch.int64, device=self.device)
+        sd = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=self.device)
+        wanted = [frozenset(p) for p in previews] if previews is not None else [frozenset()] * len(lab)
+        return new_cohort(self.var, self.policy, pool, slot, lab, sd, RowParams.stack(params, self.device),
+                          list(tags), wanted, order)
+
+    @torch.inference_mode()
+    def step(self, cohorts: Sequence[Cohort]) -> StepResult:
+        """One scale for every image of ``cohorts`` (each at its own scale); finished cohorts come back decoded."""
+        return run_step(self.var, self.vae, list(cohorts), self.decode_chunk)
 
     def _validate(self, labels: Sequence[int], seeds: Sequence[int], params) -> list[SamplingParams]:
         if isinstance(params, SamplingParams):

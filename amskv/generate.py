@@ -35,13 +35,15 @@ class TokenResult:
 
 
 def allocate_cache(var: VAR, policy: KVPolicy, batch: int, dtype: torch.dtype, device, observer=None,
-                   pool: KVPool | None = None) -> KVCache:
-    """The batch's cache: views of ``pool`` when it holds this plan and batch, else new buffers."""
+                   pool: KVPool | None = None, row_offset: int = 0, growth: bool = True) -> KVCache:
+    """The batch's cache: views of ``pool`` when it holds this plan and batch, else new buffers.
+
+    ``row_offset``/``growth``: a scheduler's cohort on its pool slots, never allocating (``KVCache``)."""
     cfg = var.config
     plan = plan_kv(policy, cfg.patch_nums, cfg.depth)  # the profile's plan, or the worst case when layers decide online
     return KVCache(policy, cfg.patch_nums, rows=2 * batch, heads=cfg.num_heads, head_dim=cfg.head_dim,
                    capacities=list(plan.capacities), workspace_tokens=plan.workspace_tokens,
-                   dtype=dtype, device=device, observer=observer, pool=pool)
+                   dtype=dtype, device=device, observer=observer, pool=pool, row_offset=row_offset, growth=growth)
 
 
 def plan_pool(var: VAR, policy: KVPolicy, images: int, dtype: torch.dtype, device) -> KVPool:

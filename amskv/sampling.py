@@ -40,6 +40,11 @@ class RowParams:
             more_smooth=torch.tensor([p.more_smooth for p in params], dtype=torch.bool, device=device),
         )
 
+    def rows(self, start: int, count: int) -> "RowParams":
+        """The parameters of rows start .. start + count."""
+        part = slice(start, start + count)
+        return RowParams(self.cfg[part], self.top_k[part], self.top_p[part], self.more_smooth[part])
+
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in [0, 2^32).
@@ -81,6 +86,16 @@ def cfg_mix(logits: torch.Tensor, cfg: torch.Tensor, ratio: float) -> torch.Tens
     t = cfg * ratio  # (B,) float64
     one_plus_t = (1 + t).to(logits.dtype).view(B, 1, 1)
     return one_plus_t * logits[:B] - t.to(logits.dtype).view(B, 1, 1) * logits[B:]
+
+
+def cfg_mix_pairs(pairs: torch.Tensor, cfg: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``cfg_mix`` for rows laid out per image: pairs (B, 2, T, V) = (conditional, unconditional) -> (B, T, V).
+
+    The same arithmetic as ``cfg_mix``, so an image's logits are bit-identical in either layout."""
+    B = pairs.shape[0]
+    t = cfg * ratio  # (B,) float64
+    one_plus_t = (1 + t).to(pairs.dtype).view(B, 1, 1)
+    return one_plus_t * pairs[:, 0] - t.to(pairs.dtype).view(B, 1, 1) * pairs[:, 1]
 
 
 def filter_top_k_top_p_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

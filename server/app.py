@@ -28,7 +28,8 @@ from server.routes.playground import add_playground
 from server.schemas import GenerateRequest, ImagesGenerationRequest
 from server.service import Service
 from server.settings import Settings, get_settings
-from server.worker import FaultPlan, InferenceWorker
+from server.faults import FaultPlan
+from server.worker import InferenceWorker
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
-"""The queue between HTTP handlers and the inference thread: admission, batch formation, deadlines.
+"""The queue between HTTP handlers and the inference thread: admission order, deadlines, results.
 
 Thread-safe and torch-free. Handlers call `submit` and `cancel` from the event loop; the single
-inference thread calls `take_batch` and then `complete`. Jobs are served by (priority, arrival);
-a job larger than the room left in a batch is split, and its remainder stays at the front so no
-later arrival of the same priority overtakes it.
+inference thread calls `take_batch` (the images to admit now) and hands results back image by image
+(`deliver`, `fail`, `dropped`). Jobs are served by (priority, arrival); a job larger than the room
+is split, and its remainder stays at the front so no later arrival of the same priority overtakes it.
+While images run, the worker takes newcomers at every scale boundary (`immediate=True`); an idle
+worker waits up to `max_queue_delay_s` for more requests to start together.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class Batcher:
         self._clock = clock
         self._cond = threading.Condition()
         self._queue: list[Job] = []  # sorted by (priority, seq); holds jobs with images not yet scheduled
-        self._running: BatchPlan | None = None
+        self._running: dict[Job, int] = {}  # images of each job that are admitted and not yet answered
         self._seq = itertools.count()
         self._queued_images = 0
         self._draining = False
@@ -89,7 +91,7 @@ class Batcher:
 
     def is_idle(self) -> bool:
         with self._cond:
-            return not self._queue and self._running is None
+            return not self._queue and not self._running
 
     @property
     def queued_images(self) -> int:
@@ -109,25 +111,26 @@ class Batcher:
 
     @property
     def running_images(self) -> int:
-        """Images in the batch on the device now."""
+        """Images admitted to the device and not yet answered."""
         with self._cond:
-            return self._running.num_images if self._running is not None else 0
+            return sum(self._running.values())
 
     @property
     def running_requests(self) -> int:
-        """Requests with images in the batch on the device now."""
+        """Requests with images on the device now."""
         with self._cond:
-            return len({id(s.job) for s in self._running.slices}) if self._running is not None else 0
+            return len(self._running)
 
     # --- inference-thread side ------------------------------------------------------------------
     def take_batch(self, max_images: int, timeout_s: float,
-                   hold: Callable[[int], bool] | None = None) -> BatchPlan | None:
-        """Block until a batch should run, then return it; None after `timeout_s` or once closed.
+                   hold: Callable[[int], bool] | None = None, immediate: bool = False) -> BatchPlan | None:
+        """Block until images should start, then return them; None after `timeout_s` or once closed.
 
-        A batch runs when the queue holds `max_images` images, when the oldest waiting job has
-        waited `max_queue_delay_s`, or at once while draining. `hold` (test-only fault injection)
-        is asked with the queued image count; while it answers True no batch forms, not even while
-        draining, and deadlines still expire.
+        They start when the queue holds `max_images` images, when the oldest waiting job has waited
+        `max_queue_delay_s`, at once while draining, and with `immediate` (images already run, so the
+        next scale boundary is moments away) as soon as anything is queued. `hold` (fault injection,
+        server/faults.py) is asked with the queued image count; while it answers True nothing starts,
+        not even while draining, and deadlines still expire.
         """
         if max_images < 1:
             raise ValueError("max_images must be at least 1")
@@ -142,7 +145,7 @@ class Batcher:
                     wake = min(now + HOLD_POLL_S, give_up)  # submit() wakes us sooner
                 elif self._queue:
                     oldest = min(j.arrival for j in self._queue)
-                    if (self._queued_images >= max_images or self._draining
+                    if (immediate or self._queued_images >= max_images or self._draining
                             or now - oldest >= self.max_queue_delay_s):
                         return self._form(max_images, now)
                     wake = min(oldest + self.max_queue_delay_s, give_up)
@@ -153,35 +156,59 @@ class Batcher:
                 self._cond.wait(max(wake - now, 0.0005))
 
     def complete(self, plan: BatchPlan, outputs: Sequence[Any], seconds: float) -> None:
-        """Hand back one output per image of `plan`: an image, or the exception that image hit."""
+        """Hand back one output per image of a whole `plan` run as one batch: an image, or its exception."""
         if len(outputs) != plan.num_images:
             raise ValueError(f"plan has {plan.num_images} images but {len(outputs)} outputs came back")
+        position = 0
+        for piece in plan.slices:
+            self.note_step({piece.job: piece.count}, plan.num_images, seconds)
+            for k in range(piece.count):
+                output = outputs[position + k]
+                if isinstance(output, BaseException):
+                    self.fail(piece.job, 1, output)
+                else:
+                    self.deliver(piece.job, piece.start + k, output)
+            position += piece.count
+
+    def note_step(self, images_by_job: dict[Job, int], step_images: int, seconds: float) -> None:
+        """A step ran these jobs' images beside others (``step_images`` in all), for their usage figures."""
         with self._cond:
-            position = 0
-            for piece in plan.slices:
-                job = piece.job
-                piece_outputs = outputs[position:position + piece.count]
-                position += piece.count
+            for job, count in images_by_job.items():
                 job.inference_time_s += seconds
-                job.batches += 1
-                job.batch_images = max(job.batch_images, plan.num_images)
-                if job.status.is_finished():
-                    continue  # cancelled or expired meanwhile: discard
-                error = next((o for o in piece_outputs if isinstance(o, BaseException)), None)
-                if error is not None:
-                    self._finish(job, JobStatus.FAILED, error)
-                    continue
-                job.outputs[piece.start:piece.start + piece.count] = piece_outputs
-                job.finished_images += piece.count
+                job.batch_images = max(job.batch_images, step_images)
+            if step_images:
+                per_image = seconds / step_images
+                self._seconds_per_image = per_image if not self._seconds_per_image else (
+                    0.8 * self._seconds_per_image + 0.2 * per_image)
+
+    def deliver(self, job: Job, index: int, image: Any) -> None:
+        """Image ``index`` of ``job`` is done; the job's answer goes out with its last image."""
+        with self._cond:
+            self._release(job, 1)
+            if not job.status.is_finished():
+                job.outputs[index] = image
+                job.finished_images += 1
                 if job.finished_images == job.num_images:
                     job.status = JobStatus.DONE
                     if not job.future.done():
                         job.future.set_result(job.result())
-            if plan.num_images:
-                per_image = seconds / plan.num_images
-                self._seconds_per_image = per_image if not self._seconds_per_image else (
-                    0.8 * self._seconds_per_image + 0.2 * per_image)
-            self._running = None
+            self._publish()
+            self._cond.notify_all()
+
+    def fail(self, job: Job, count: int, error: BaseException) -> None:
+        """``count`` running images of ``job`` failed with ``error``: the job fails (its other images are
+        dropped by the worker at the next boundary, as for a cancelled job)."""
+        with self._cond:
+            self._release(job, count)
+            if not job.status.is_finished():
+                self._finish(job, JobStatus.FAILED, error)
+            self._publish()
+            self._cond.notify_all()
+
+    def dropped(self, job: Job, count: int) -> None:
+        """``count`` running images of a finished (cancelled, expired or failed) job left the device."""
+        with self._cond:
+            self._release(job, count)
             self._publish()
             self._cond.notify_all()
 
@@ -189,13 +216,11 @@ class Batcher:
         """Fail every queued and running job with `error` and refuse new ones (worker gone or shut down)."""
         with self._cond:
             self._closed = error
-            jobs = list(self._queue)
-            if self._running is not None:
-                jobs += [s.job for s in self._running.slices]
+            jobs = list(self._queue) + list(self._running)
             for job in jobs:
                 if not job.status.is_finished():
                     self._finish(job, JobStatus.FAILED, error)
-            self._running = None
+            self._running = {}
             self._publish()
             self._cond.notify_all()
 
@@ -210,6 +235,8 @@ class Batcher:
             if job.next_image == 0 and take < job.num_images:
                 metrics.BATCH_SPLITS.inc()
             job.next_image += take
+            job.batches += 1
+            self._running[job] = self._running.get(job, 0) + take
             room -= take
             self._queued_images -= take
             if job.started_at is None:
@@ -218,9 +245,8 @@ class Batcher:
             job.status = JobStatus.RUNNING
             if job.pending_images == 0:
                 self._queue.remove(job)
-        self._running = BatchPlan(slices)
         self._publish()
-        return self._running
+        return BatchPlan(slices)
 
     def _expire(self, now: float) -> None:
         for job in [j for j in self._queue if j.deadline <= now]:
@@ -233,6 +259,13 @@ class Batcher:
                 error = GenerationTimeout("request deadline passed before all its images were generated")
             self._finish(job, JobStatus.EXPIRED, error)
         self._publish()
+
+    def _release(self, job: Job, count: int) -> None:
+        left = self._running.get(job, 0) - count
+        if left > 0:
+            self._running[job] = left
+        else:
+            self._running.pop(job, None)
 
     def _finish(self, job: Job, status: JobStatus, error: BaseException) -> None:
         if job in self._queue:

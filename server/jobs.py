@@ -59,6 +59,7 @@ class Job:
     inference_time_s: float = 0.0
     batch_images: int = 0
     batches: int = 0
+    first_preview_at: float | None = None  # monotonic time the first preview was handed over
     preview_scales: frozenset[int] = frozenset()  # scales whose running image the client wants to see
     # Called on the inference thread as on_preview(image_index, scale, image) for those scales (streaming).
     on_preview: Callable[[int, int, Any], None] | None = None
@@ -108,6 +109,12 @@ class BatchPlan:
 
     def params(self) -> list[Any]:
         return [s.job.params for s in self.slices for _ in range(s.count)]
+
+    def images(self) -> list[tuple[int, int, Any, frozenset[int], tuple[Job, int]]]:
+        """Per image: (label, seed, params, preview scales, (job, index in the job))."""
+        return [(s.job.labels[i], s.job.seeds[i], s.job.params,
+                 s.job.preview_scales if s.job.on_preview is not None else frozenset(), (s.job, i))
+                for s in self.slices for i in range(s.start, s.start + s.count)]
 
     def preview_targets(self) -> list[tuple[Job, int] | None]:
         """Per image: (job, image index in the job) when its client wants previews, else None."""

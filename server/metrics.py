@@ -93,7 +93,7 @@ QUEUE_IMAGES = Gauge(
     "amskv_queue_images", "Images waiting in the queue (the admission unit).", registry=REGISTRY,
 )
 BATCH_RUNNING = Gauge(
-    "amskv_batch_running_images", "Images in the batch now on the device (0 when idle).", registry=REGISTRY,
+    "amskv_batch_running_images", "Images holding a KV slot (running) after the latest step.", registry=REGISTRY,
 )
 BATCH_MAX = Gauge(
     "amskv_batch_max_images", "Admissible images per batch derived from the KV budget (after OOM back-off).",
@@ -106,7 +106,7 @@ KV_BUDGET = Gauge(
 )
 KV_USED = Gauge(
     "amskv_kv_cache_used_bytes",
-    "KV-cache bytes the latest engine call allocated; kept after the batch ends until the next one.", registry=REGISTRY,
+    "KV-cache bytes of the slots held by running images (their plan's peak), as of the latest step.", registry=REGISTRY,
 )
 KV_PER_IMAGE = Gauge(
     "amskv_kv_cache_bytes_per_image", "KV-cache bytes one image needs under the active policy.",
@@ -122,7 +122,7 @@ KV_REDUCTION = Gauge(
 )
 KV_USAGE_RATIO = Gauge(
     "amskv_kv_cache_usage_ratio",
-    "The latest engine call's KV bytes / the budget (0..1); kept after the batch ends until the next one.", registry=REGISTRY,
+    "KV bytes of the slots held by running images / the budget (0..1), as of the latest step.", registry=REGISTRY,
 )
 # The KV-cache manager's state (amskv/kvcache/manager.py KVState) and the calibration profile.
 PROFILE_SOURCES = ("calibrated", "cached", "file", "none")  # = amskv.kvcache.calibration.PROFILE_SOURCES
@@ -215,6 +215,45 @@ REQUEST_IMAGES = Histogram(
     buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
 )
 
+# Iteration-level scheduling (amskv/scheduler.py): one step runs one scale for every running image.
+STEP_IMAGES = Histogram(
+    "amskv_step_images", "Images (rows) one engine step ran, whatever their scales.",
+    buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
+)
+STEP_TOKENS = Histogram(
+    "amskv_step_tokens", "Sequence tokens one engine step ran through the transformer (both CFG rows of every image).",
+    buckets=(2, 8, 32, 128, 512, 2048, 8192, 32768, 131072, 348160), registry=REGISTRY,
+)
+STEP_DURATION = Histogram(
+    "amskv_step_duration_seconds", "Wall time of one engine step (the scale of every running image, and the "
+    "decode of the images it finished).", buckets=SCALE_DURATION_BUCKETS, registry=REGISTRY,
+)
+SCALE_IMAGES = Counter(
+    "amskv_scale_images_total", "Images run at each scale, summed over steps (rows per scale).", ["scale"],
+    registry=REGISTRY,
+)
+IMAGES_ADMITTED = Counter(
+    "amskv_images_admitted_total", "Images admitted to the device (given a KV slot) at a scale boundary.",
+    registry=REGISTRY,
+)
+IMAGES_CANCELLED = Counter(
+    "amskv_images_cancelled_total", "Running images dropped at a scale boundary because their request was "
+    "cancelled, timed out or failed; their KV slots came back at once.", registry=REGISTRY,
+)
+FIRST_PREVIEW = Histogram(
+    "amskv_time_to_first_preview_seconds", "From a streamed request's arrival to its first preview image.",
+    buckets=REQUEST_DURATION_BUCKETS, registry=REGISTRY,
+)
+KV_REFUSED_EXPANSIONS = Counter(
+    "amskv_kv_cache_refused_expansions_total", "Online AMS-KV layer expansions that the KV slots had no room for "
+    "(the profile did not plan them): the layer kept c_min, and no memory was allocated outside the pool.",
+    registry=REGISTRY,
+)
+SLOTS_FREE = Gauge(
+    "amskv_kv_cache_free_images", "Free KV slots: images that could be admitted at the next scale boundary.",
+    registry=REGISTRY,
+)
+
 # Start the enum-labelled series at 0 so rate()/increase() in alerts see the first event instead of
 # a series appearing from nowhere (which PromQL cannot turn into a rate).
 for _reason in REJECT_REASONS:
@@ -257,14 +296,57 @@ def set_kv_profile(source: str, demanding_layers: int, theta: float | None) -> N
     KV_PROFILE_THETA.set(float("nan") if theta is None else theta)
 
 
-def publish_kv_state(state) -> None:
-    """The KV-cache manager's state as gauges (``state`` is an amskv.kvcache.manager.KVState)."""
+def start_model_info(info, num_scales: int) -> None:
+    """What the loaded engine is (server.worker.EngineInfo): per-image KV figures, profile, per-scale series."""
+    start_scale_series(num_scales)
+    KV_PER_IMAGE.labels(model=info.model_name).set(info.kv_bytes_per_image)
+    KV_VANILLA_PER_IMAGE.labels(model=info.model_name).set(info.vanilla_kv_bytes_per_image)
+    if info.vanilla_kv_bytes_per_image:
+        KV_REDUCTION.set(1 - info.kv_bytes_per_image / info.vanilla_kv_bytes_per_image)
+    if info.kv_cache:
+        kv = info.kv_cache
+        set_kv_profile(kv["profile_source"], len(kv["demanding_layers"]), kv["theta"])
+
+
+def record_step(outcome, state) -> None:
+    """The one place a step's stats become metrics (``outcome``: amskv.scheduler.StepOutcome; ``state``: the
+    KV manager's KVState after the step)."""
+    IMAGES_ADMITTED.inc(outcome.admitted)
+    IMAGES_CANCELLED.inc(outcome.cancelled)
+    KV_REFUSED_EXPANSIONS.inc(outcome.refused_expansions)
+    if outcome.out_of_memory:
+        OOM.inc()
+    if outcome.failed:
+        BATCH_FAILURES.labels(reason="oom" if outcome.out_of_memory else "error").inc()
+    if not outcome.rows:
+        return
+    STEP_IMAGES.observe(outcome.rows)
+    BATCH_SIZE.observe(outcome.rows)
+    STEP_DURATION.observe(outcome.seconds)
+    if outcome.tokens:
+        STEP_TOKENS.observe(outcome.tokens)
+        BATCH_DURATION.labels(stage="ar").observe(outcome.seconds_ar)
+        BATCH_DURATION.labels(stage="decode").observe(outcome.seconds_decode)
+    for scale, images in outcome.rows_per_scale.items():
+        SCALE_IMAGES.labels(scale=str(scale)).inc(images)
+        SCALE_DURATION.labels(scale=str(scale)).observe(outcome.seconds_ar)
+    BATCH_RUNNING.set(state.used_bytes // state.bytes_per_image if state.bytes_per_image else 0)
+    KV_USED.set(state.used_bytes)
+    if state.budget_bytes:
+        KV_USAGE_RATIO.set(min(1.0, state.used_bytes / state.budget_bytes))
+
+
+def publish_kv_state(state, room: int | None = None) -> None:
+    """The KV-cache manager's state as gauges (``state`` is an amskv.kvcache.manager.KVState); ``room``: the
+    images the scheduler may admit now."""
     KV_BUDGET.set(state.budget_bytes)
     KV_RESERVED.set(state.reserved_bytes)
     KV_ACTIVATION_RESERVE.set(state.activation_reserve_bytes)
     KV_POOL_IMAGES.set(state.pool_images)
     BATCH_CAP.set(state.cap)
-    BATCH_MAX.set(state.admissible)
+    BATCH_MAX.set(state.admissible if room is None else room)
+    if room is not None:
+        SLOTS_FREE.set(room)
 
 
 def set_build_info(version: str, model: str, policy: str, dtype: str, device: str) -> None:

@@ -10,7 +10,8 @@ from server.batcher import Batcher
 from server.classes import ClassCatalog
 from server.errors import Unavailable
 from server.settings import Settings
-from server.worker import FaultPlan, InferenceWorker
+from server.faults import FaultPlan
+from server.worker import InferenceWorker
 
 
 class Service:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     keepalive_timeout_s: float = Field(5.0, gt=0, le=3600, description="close an idle keep-alive connection, s")
 
     # Batching and admission.
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: requests join and leave between scales; static: a new batch starts "
+        "only when no image runs (the baseline)")
     max_batch: int = Field(MAX_BATCH_CEILING, ge=1, le=MAX_BATCH_CEILING)
     max_queue_delay_ms: float = Field(10.0, ge=0, le=60_000)
     max_queue_images: int = Field(1024, ge=1)

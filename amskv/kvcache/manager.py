@@ -8,10 +8,14 @@ memory it allocated once:
   at warm-up. On the CPU: the configured KV budget.
 - **Pool.** At warm-up the manager allocates K/V buffers once, for the largest admissible batch (KV plus
   the per-image activations measured at warm-up), and every batch then uses views of them.
-- **Admission.** ``admissible()`` returns how many images fit now: the pool's images, the OOM cap, and on
-  CUDA the activations that today's free memory holds. 0 means no room; it is a value, not an exception.
-- **OOM cap.** ``note_oom(images)`` halves the cap below the failing size; after ``recover_after``
-  consecutive successful engine calls the cap doubles again, up to the pool's size.
+- **Slots.** The pool holds ``pool_images`` image slots. The scheduler (``amskv.scheduler``) gets slots for
+  the images it admits with ``allocate(n)`` (contiguous runs, first fit; fewer than n when fewer are free)
+  and gives them back with ``release``. A slot holds an image's KV at the plan's peak, so an admitted
+  image always completes. ``free_images()`` is the admission room: 0 means no room, a value.
+- **Admission (whole batches).** ``admissible()`` returns how many images one ``generate`` call may run now:
+  the pool's images, the OOM cap, and on CUDA the activations that today's free memory holds.
+- **OOM cap.** ``note_oom(images)`` halves the cap (images per engine call or step) below the failing size;
+  after ``recover_after`` consecutive successful calls or steps the cap doubles again, up to the pool's size.
 - **State.** ``state()`` is plain data (budget, reserved, used, bytes per image, cap, ...); the server turns
   it into metrics. Only this module and the engine touch the device.
 """
@@ -63,6 +67,7 @@ class KVCacheManager:
         self._successes = 0
         self._used = 0
         self.unplanned_expansions = 0
+        self._free_runs: list[tuple[int, int]] = []  # (first slot, count), sorted, never adjacent
 
     @property
     def on_cuda(self) -> bool:
@@ -88,6 +93,7 @@ class KVCacheManager:
                 "raise AMSKV_KV_BUDGET_GIB or AMSKV_GPU_MEM_FRACTION")
         self.pool = self.engine.new_pool(images)
         self.pool_images = self.cap = images
+        self._free_runs = [(0, images)]
         logger.info("KV pool: %d images, %.2f MiB (%.3f MiB per image); activation reserve %.1f MiB + %.2f MiB "
                     "per image", images, self.pool.nbytes / 2**20, self.bytes_per_image / 2**20,
                     self.activation_reserve / 2**20, self.activation_per_image / 2**20)
@@ -119,22 +125,67 @@ class KVCacheManager:
             fits = min(fits, self._free_budget() // self.activation_per_image)
         return max(0, fits)
 
+    # --- slots (the scheduler) -----------------------------------------------------------------
+    def free_images(self) -> int:
+        """Free image slots (0 before warm-up, or when every slot is taken), limited on CUDA by the
+        activations that today's free memory holds for one more image."""
+        free = sum(count for _, count in self._free_runs)
+        if self.on_cuda and self.activation_per_image and free:
+            used = self.pool_images - free
+            free = min(free, max(0, self._free_budget() // self.activation_per_image - used))
+        return free
+
+    def allocate(self, images: int) -> list[tuple[int, int]]:
+        """Up to ``images`` free slots as (first slot, count) runs, first fit; [] when none is free."""
+        runs, left = [], min(images, self.free_images())
+        while left > 0 and self._free_runs:
+            first, count = self._free_runs[0]
+            take = min(count, left)
+            runs.append((first, take))
+            self._free_runs[0:1] = [(first + take, count - take)] if take < count else []
+            left -= take
+        self._used = self.bytes_per_image * (self.pool_images - sum(c for _, c in self._free_runs))
+        return runs
+
+    def release(self, first: int, count: int) -> None:
+        """Give slots ``first .. first + count`` back (an image finished, failed or was cancelled)."""
+        if count <= 0:
+            return
+        runs = sorted(self._free_runs + [(first, count)])
+        merged: list[tuple[int, int]] = []
+        for start, n in runs:
+            if merged and merged[-1][0] + merged[-1][1] > start:
+                raise ValueError(f"slots {first}..{first + count} released twice")
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((start, n))
+        if merged and merged[-1][0] + merged[-1][1] > self.pool_images:
+            raise ValueError(f"slots {first}..{first + count} are not in the pool of {self.pool_images}")
+        self._free_runs = merged
+        self._used = self.bytes_per_image * (self.pool_images - sum(c for _, c in self._free_runs))
+
+    def note_success(self) -> None:
+        """A call or step ran without running out of memory: after ``recover_after`` of them the cap doubles."""
+        self._successes += 1
+        if self._successes >= self.recover_after and self.cap < self.pool_images:
+            self.cap = min(self.pool_images, self.cap * 2)
+            self._successes = 0
+            logger.info("raised the images per step to %d after %d successful steps", self.cap, self.recover_after)
+
     def generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any], **previews: Any) -> Any:
         """Run one engine call in the pool. Raises torch.OutOfMemoryError (see ``note_oom``) or ValueError
         when more images are given than the pool holds. ``previews``: the engine's previews= and on_preview=."""
         if self.pool is None or len(labels) > self.pool_images:
             raise ValueError(f"{len(labels)} images exceed the KV pool ({self.pool_images} images)")
+        used = self._used
         self._used = self.bytes_per_image * len(labels)
         try:
             result = self.engine.generate(list(labels), list(seeds), list(params), pool=self.pool, **previews)
         finally:
-            self._used = 0
+            self._used = used
         self.unplanned_expansions += len(result.unplanned_expansions)
-        self._successes += 1
-        if self._successes >= self.recover_after and self.cap < self.pool_images:
-            self.cap = min(self.pool_images, self.cap * 2)
-            self._successes = 0
-            logger.info("raised the batch cap to %d images after %d successful batches", self.cap, self.recover_after)
+        self.note_success()
         return result
 
     def note_oom(self, images: int) -> int:

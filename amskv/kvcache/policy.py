@@ -22,6 +22,7 @@ class LayerState:
     kept: list[int] = field(default_factory=list)
     budget: int = 0
     expanded_at: int | None = None  # scale at which the budget grew to C_max
+    refused_at: int | None = None  # scale at which an expansion was due but the allocation had no room for it
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ class KVPolicy:
         return LayerState()
 
     def decide(self, state: LayerState, layer: int, si: int, scale_tokens: tuple[int, ...],
-               similarity: Similarity) -> Decision:
+               similarity: Similarity, can_expand: bool = True) -> Decision:
+        """``can_expand`` False: the storage has no room for this layer to grow, so a due expansion is refused
+        (recorded in ``state.refused_at``) and the layer keeps its budget: "no room" is a value."""
         raise NotImplementedError
 
     def params(self) -> dict:
@@ -63,7 +66,7 @@ class VanillaPolicy(KVPolicy):
 
     name = "vanilla"
 
-    def decide(self, state, layer, si, scale_tokens, similarity):
+    def decide(self, state, layer, si, scale_tokens, similarity, can_expand=True):
         state.kept.append(si)
         return Decision(keep=True)
 
@@ -73,7 +76,7 @@ class FullPolicy(KVPolicy):
 
     name = "full"
 
-    def decide(self, state, layer, si, scale_tokens, similarity):
+    def decide(self, state, layer, si, scale_tokens, similarity, can_expand=True):
         if self._is_last(si, scale_tokens):
             return Decision(keep=False)
         state.kept.append(si)
@@ -92,7 +95,7 @@ class SinkWindowPolicy(KVPolicy):
     def params(self):
         return {"window": self.window, "sink": self.sink} if self.sink else {"window": self.window}
 
-    def decide(self, state, layer, si, scale_tokens, similarity):
+    def decide(self, state, layer, si, scale_tokens, similarity, can_expand=True):
         if self._is_last(si, scale_tokens):
             return Decision(keep=False)
         state.kept.append(si)
@@ -164,7 +167,7 @@ class AMSKVPolicy(KVPolicy):
             return layer < len(self.demanding) and self.demanding[layer]
         return similarity() < self.theta
 
-    def decide(self, state, layer, si, scale_tokens, similarity):
+    def decide(self, state, layer, si, scale_tokens, similarity, can_expand=True):
         if self._is_last(si, scale_tokens) or scale_tokens[si] > self.c_max:
             return Decision(keep=False)  # skip rule: nothing is inserted, nothing is evicted
         state.kept.append(si)
@@ -175,8 +178,10 @@ class AMSKVPolicy(KVPolicy):
             if state.expanded_at is None and state.budget < self.c_max and not tested:
                 tested = True
                 if self.is_demanding(layer, similarity):
-                    state.budget, state.expanded_at = self.c_max, si
-                    continue
+                    if can_expand:
+                        state.budget, state.expanded_at = self.c_max, si
+                        continue
+                    state.refused_at = si
             victims = [s for s in state.kept if s >= self.c_cds and (s != si or self.evict_newest)]
             if not victims:
                 break  # only locked scales and the newest remain: they stay over budget

@@ -13,6 +13,7 @@ layer that expands although the profile did not plan it gets a larger buffer on 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,8 @@ class KVPool:
         tensors = self.k + self.v + ([self.ws_k, self.ws_v] if self.ws_k is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def fits(self, rows: int, capacities: list[int], workspace_tokens: int, dtype) -> bool:
-        return (rows <= 2 * self.images and tuple(capacities) == self.capacities
+    def fits(self, rows: int, capacities: list[int], workspace_tokens: int, dtype, row_offset: int = 0) -> bool:
+        return (row_offset + rows <= 2 * self.images and tuple(capacities) == self.capacities
                 and workspace_tokens == self.workspace_tokens and dtype == self.dtype)
 
 
@@ -98,8 +99,9 @@ class LayerKV:
     def __init__(self, cache: "KVCache", layer: int, capacity: int, pool: KVPool | None = None):
         self.cache, self.layer = cache, layer
         rows, heads, head_dim = cache.rows, cache.heads, cache.head_dim
-        if pool is not None:  # views of the pool's first rows: contiguous, nothing allocated
-            self.k, self.v = pool.k[layer][:rows], pool.v[layer][:rows]
+        if pool is not None:  # views of the pool's rows from the cache's offset: contiguous, nothing allocated
+            first = cache.row_offset
+            self.k, self.v = pool.k[layer][first:first + rows], pool.v[layer][first:first + rows]
         else:
             self.k = torch.empty(rows, heads, capacity, head_dim, dtype=cache.dtype, device=cache.device)
             self.v = torch.empty_like(self.k)
@@ -165,8 +167,10 @@ class LayerKV:
     def commit(self) -> None:
         T, in_ws, n = self._pending
         si = self.cache.scale
-        decision: Decision = self.cache.policy.decide(self.state, self.layer, si, self.cache.scale_tokens,
-                                                      self.similarity)
+        policy = self.cache.policy
+        can_expand = self.cache.allow_growth or getattr(policy, "is_planned", lambda layer: True)(self.layer)
+        decision: Decision = policy.decide(self.state, self.layer, si, self.cache.scale_tokens, self.similarity,
+                                           can_expand=can_expand)
         current = Segment(si, n, T)
         survivors = [s for s in self.segments if s.scale not in decision.evict]
         if decision.keep:
@@ -200,18 +204,23 @@ class KVCache:
 
     def __init__(self, policy: KVPolicy, patch_nums: tuple[int, ...], rows: int, heads: int, head_dim: int,
                  capacities: list[int], workspace_tokens: int, dtype, device, observer=None,
-                 pool: KVPool | None = None):
+                 pool: KVPool | None = None, row_offset: int = 0, growth: bool = True):
+        """``row_offset``: the first pool row this cache's rows use (a scheduler's slots). ``growth`` False:
+        nothing is ever allocated outside the pool, so an expansion the plan did not reserve is refused."""
         self.policy, self.patch_nums = policy, tuple(patch_nums)
+        self.row_offset = row_offset
         self.scale_tokens = tuple(p * p for p in self.patch_nums)
         self.rows, self.heads, self.head_dim, self.dtype, self.device = rows, heads, head_dim, dtype, device
         self.observer = observer
         self.scale = 0
         self.similarities: dict[int, dict[int, float]] = {}
-        if pool is not None and not pool.fits(rows, capacities, workspace_tokens, dtype):
+        if pool is not None and not pool.fits(rows, capacities, workspace_tokens, dtype, row_offset):
+            if not growth:
+                raise ValueError(f"rows {row_offset}..{row_offset + rows} under this plan do not fit the KV pool")
             pool = None  # another plan or a larger batch than the pool holds: allocate for this batch
-        self.pooled = pool is not None
+        self.pooled, self.pool = pool is not None, pool
         # growth is legitimate only when the plan is a profile's, not the worst case
-        self.allow_growth = getattr(policy, "planned", None) is not None
+        self.allow_growth = growth and getattr(policy, "planned", None) is not None
         self.unplanned_bytes = 0
         self.workspace = Workspace(rows, heads, head_dim, workspace_tokens, dtype, device, pool) \
             if workspace_tokens else None
@@ -254,6 +263,30 @@ class KVCache:
 
     def expansions(self) -> dict[int, int]:
         return {layer.layer: layer.state.expanded_at for layer in self.layers if layer.state.expanded_at is not None}
+
+    def refused_expansions(self) -> list[int]:
+        """Layers whose expansion was due but refused, the pool having no room for it (``growth=False``)."""
+        return [layer.layer for layer in self.layers if layer.state.refused_at is not None]
+
+    def split(self, image: int, count: int) -> "KVCache":
+        """The cache of images ``image .. image + count`` alone, on the same pool rows (nothing is copied).
+
+        Rows are laid out per image (2i conditional, 2i + 1 unconditional), so any run of images is a
+        contiguous run of rows whose kept scales sit where they are. Every layer's bookkeeping is copied."""
+        if self.pool is None or not 0 <= image < image + count <= self.rows // 2:
+            raise ValueError("only a pooled cache splits, into a run of its own images")
+        part = KVCache(self.policy, self.patch_nums, 2 * count, self.heads, self.head_dim,
+                       [layer.capacity for layer in self.layers],
+                       self.workspace.k.shape[2] if self.workspace is not None else 0, self.dtype, self.device,
+                       self.observer, self.pool, self.row_offset + 2 * image, growth=self.allow_growth)
+        part.scale = self.scale
+        for mine, theirs in zip(part.layers, self.layers):
+            mine.segments, mine.length = list(theirs.segments), theirs.length
+            mine.state = copy.deepcopy(theirs.state)
+        part._stored_tokens = list(self._stored_tokens)
+        part.peak_stored_tokens = self.peak_stored_tokens
+        part.kept_after_scale = [list(map(list, kept)) for kept in self.kept_after_scale]
+        return part
 
     def unplanned_expansions(self) -> list[int]:
         """Layers that expanded although the allocation plan (a profile's flags) did not reserve it."""

@@ -69,6 +69,30 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, C))  # (B, H, L, hd) -> (B, L, C)
 
 
+    def forward_packed(self, x: torch.Tensor, packing: "Packing") -> torch.Tensor:
+        """Rows at different scales in one call: x is (T, C), every group's tokens back to back.
+
+        The dense parts (qkv, proj) run on all T tokens at once; attention runs per group, each group's rows
+        against that group's own KV cache (``packing.kv[g]``, this layer's ``LayerKV``)."""
+        T, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        linear = invariant_linear if self.batch_invariant else F.linear
+        qkv = linear(x, self.mat_qkv.weight, bias)  # (T, 3C)
+        out = qkv.new_empty(T, C)
+        for (t0, rows, length), kv in zip(packing.spans, packing.layer_kv):
+            part = qkv[t0:t0 + rows * length].view(rows, length, 3, self.num_heads, self.head_dim)  # (R, L, 3, H, hd)
+            q, k, v = part.permute(2, 0, 3, 1, 4).unbind(0)  # each (R, H, L, hd)
+            if self.l2_norm:
+                scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
+                q = F.normalize(q, dim=-1).mul(scale_mul)
+                k = F.normalize(k, dim=-1)
+            k, v = kv.attend(q, k, v)  # (R, H, kept + L, hd)
+            o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            kv.commit()
+            out[t0:t0 + rows * length] = o.transpose(1, 2).reshape(rows * length, C)  # (R, H, L, hd) -> (R*L, C)
+        return self.proj(out)
+
+
 class AdaLNSelfAttn(nn.Module):
     """One block: AdaLN-modulated attention and FFN, gated residuals."""
 
@@ -96,6 +120,19 @@ class AdaLNSelfAttn(nn.Module):
         h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
         return x + self.ffn(h).mul(gamma2)
 
+    def forward_packed(self, x: torch.Tensor, cond: torch.Tensor, packing: "Packing") -> torch.Tensor:
+        """x: (T, C) packed tokens; cond: per sequence row, (R, C) or (R, 1, 6, C) when AdaLN is shared."""
+        if self.shared_aln:
+            mods = self.ada_gss + cond  # (R, 1, 6, C)
+        else:
+            mods = self.ada_lin(cond).view(-1, 1, 6, self.C)  # (R, 6C) -> (R, 1, 6, C)
+        mods = mods.view(-1, 6, self.C).index_select(0, packing.token_row)  # (R, 6, C) -> (T, 6, C): each token its row's
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(1)  # each (T, C)
+        h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
+        x = x + self.attn.forward_packed(h, packing).mul_(gamma1)
+        h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
+        return x + self.ffn(h).mul(gamma2)
+
 
 class AdaLNBeforeHead(nn.Module):
     def __init__(self, cfg: VARConfig):
@@ -104,8 +141,10 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(self.C, eps=cfg.norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), Linear(self.C, 2 * self.C))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, token_row: torch.Tensor | None = None) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)  # (B, 2C) -> 2 x (B, 1, C)
+        if token_row is not None:  # packed tokens (T, C): each token takes its row's modulation
+            scale, shift = scale.squeeze(1).index_select(0, token_row), shift.squeeze(1).index_select(0, token_row)
         return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
 
 
@@ -145,6 +184,21 @@ class BlockCausal:
             outs.append(F.scaled_dot_product_attention(q[:, :, begin:end], k[:, :, :end], v[:, :, :end],
                                                        attn_mask=self.mask if i == 0 else None, scale=scale))
         return torch.cat(outs, dim=2)  # (B, H, L, hd)
+
+
+class Packing:
+    """How a step's sequence rows lie in one packed (T, C) tensor, and each group's KV for the current layer.
+
+    ``spans[g] = (first token, rows, tokens per row)``: group g's rows all sit at one scale, back to back.
+    ``token_row`` (T,) int64: the sequence row of every token, for per-row modulation. ``kv[g]`` is group g's
+    cache (indexable by layer); ``layer_kv`` is set by ``VAR.run_packed`` to the current layer's entries.
+    """
+
+    def __init__(self, spans: list[tuple[int, int, int]], kv: list, device):
+        self.spans, self.kv = spans, kv
+        lengths = torch.tensor([length for _, rows, length in spans for _ in range(rows)], dtype=torch.int64)
+        self.token_row = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)  # (T,)
+        self.layer_kv: list = []
 
 
 class VAR(nn.Module):
@@ -193,6 +247,20 @@ class VAR(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cond, attn_bias, None if kv_layers is None else kv_layers[i])
         return x.float()
+
+    def run_packed(self, x: torch.Tensor, cond_rows: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """All blocks over packed tokens x (T, C) of rows at different scales (``Packing``); fp32 out."""
+        dtype = self.blocks[0].attn.mat_qkv.weight.dtype
+        cond = self.block_condition(cond_rows.to(dtype))
+        x = x.to(dtype)
+        for i, block in enumerate(self.blocks):
+            packing.layer_kv = [kv[i] for kv in packing.kv]
+            x = block.forward_packed(x, cond, packing)
+        return x.float()
+
+    def logits_packed(self, h: torch.Tensor, cond_rows: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """The head over packed hidden states h (T, C): logits (T, V), fp32."""
+        return self.head(self.head_nm(h.float(), cond_rows.float(), packing.token_row).float()).float()
 
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
                 split_attention: bool = False) -> torch.Tensor:

@@ -13,7 +13,7 @@ router = APIRouter(include_in_schema=False)
 
 @router.post("/_test/faults")
 async def set_faults(request: Request, service: ServiceDep) -> dict[str, Any]:
-    """Set fault counters, e.g. {"fail_batches": 1} or {"kill_worker": true} (server/worker.py FaultPlan)."""
+    """Set fault counters, e.g. {"fail_batches": 1} or {"kill_worker": true} (server/faults.py FaultPlan)."""
     changes = await request.json()
     faults = service.faults
     unknown = set(changes) - set(faults.snapshot())
