@@ -8,7 +8,9 @@
 #
 # Needs haproxy (`apt-get install haproxy`) and the package installed (`pip install -e .`). Every AMSKV_*
 # variable set in the environment reaches both replicas; by default each gets half of the CPU threads and the
-# bundled demo model. Ctrl-C (or SIGTERM) stops all three: the replicas drain first. Logs go to $LOG_DIR.
+# bundled demo model. Ctrl-C (or SIGTERM) to this script stops all three: the replicas drain first. A replica
+# that exits on its own (killed, or SIGTERM'd to try a rolling restart) is only reported: the balancer and the
+# other replica keep serving. The script ends when the balancer exits or no replica is left. Logs go to $LOG_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,15 +24,16 @@ export AMSKV_TORCH_THREADS="${AMSKV_TORCH_THREADS:-$(( $(nproc) / ${#PORTS[@]} >
 command -v haproxy >/dev/null || { echo "haproxy not found; apt-get install haproxy" >&2; exit 2; }
 
 pids=()
-stop_all() {
+stop_all() {  # stop_all STATUS: every process still running gets SIGTERM (replicas drain), then exit STATUS
     trap - INT TERM EXIT
     echo "stopping (replicas drain first) ..."
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     echo "logs: $LOG_DIR"
-    exit 0
+    exit "$1"
 }
-trap stop_all INT TERM EXIT
+trap 'stop_all 0' INT TERM
+trap 'stop_all $?' EXIT
 
 servers=()
 for i in "${!PORTS[@]}"; do
@@ -54,7 +57,28 @@ for i in "${!PORTS[@]}"; do
 done
 
 haproxy -db -f "$LOG_DIR/haproxy.cfg" > "$LOG_DIR/haproxy.log" 2>&1 &
-pids+=($!)
-echo "balancer: http://127.0.0.1:$BALANCER_PORT (request log $LOG_DIR/haproxy.log); Ctrl-C stops everything"
-wait -n "${pids[@]}" || true
-echo "a process exited; see $LOG_DIR"
+balancer_pid=$!
+pids+=("$balancer_pid")
+echo "balancer: pid $balancer_pid on http://127.0.0.1:$BALANCER_PORT (request log $LOG_DIR/haproxy.log); Ctrl-C stops everything"
+
+# Supervise: one replica exiting is what the balancer is for, so it is reported and the rest keep running.
+# Only the balancer's exit, or the last replica's, ends the script (through the EXIT trap).
+running=("${pids[@]:0:${#PORTS[@]}}")
+while :; do
+    exited=""
+    status=0
+    wait -n -p exited "$balancer_pid" "${running[@]}" || status=$?
+    [ -n "$exited" ] || continue  # a signal interrupted the wait; its trap runs stop_all
+    if [ "$exited" = "$balancer_pid" ]; then
+        echo "the balancer exited (status $status); see $LOG_DIR/haproxy.log" >&2
+        exit 1
+    fi
+    left=()
+    for pid in "${running[@]}"; do [ "$pid" = "$exited" ] || left+=("$pid"); done
+    running=("${left[@]}")
+    echo "replica pid $exited exited (status $status); the balancer routes around it (${#running[@]} left)"
+    if [ "${#running[@]}" -eq 0 ]; then
+        echo "no replica left" >&2
+        exit 1
+    fi
+done
