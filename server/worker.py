@@ -150,7 +150,8 @@ class InferenceWorker:
         self.manager = KVCacheManager(engine, max_batch=self.settings.max_batch,
                                       cpu_budget_bytes=self.settings.cpu_kv_budget_bytes,
                                       gpu_mem_fraction=self.settings.gpu_mem_fraction,
-                                      recover_after=self.settings.oom_recover_batches)
+                                      # the setting counts whole generations; the manager counts steps
+                                      recover_after=self.settings.oom_recover_batches * engine.config.num_scales)
         self.manager.warm_up(self._warmup_params)
         stepper = engine if self.faults is None else FaultyEngine(engine, self.faults)
         self.scheduler = Scheduler(stepper, self.manager, mode=self.settings.scheduler)

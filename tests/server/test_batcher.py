@@ -1,20 +1,19 @@
-"""Batcher and inference-worker logic against a fake engine (no model, no HTTP)."""
+"""The batcher (server/batcher.py): admission, order, deadlines and results, with no model and no HTTP.
+
+The inference worker is tested with the real demo engine in test_worker.py."""
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 
 import pytest
-import torch
 
 from server import metrics
 from server.batcher import Batcher, ClientGone
-from server.errors import GenerationTimeout, JobFailed, OutOfMemory, Unavailable
+from server.errors import GenerationTimeout, OutOfMemory, Unavailable
 from server.jobs import Job, JobStatus
-from server.settings import Settings
-from server.worker import FaultPlan, InferenceWorker
+from server.faults import FaultPlan
 
 KV_PER_IMAGE = 1000
 WAIT_S = 10  # every wait in this module is bounded: a deadlock fails the test instead of hanging it
@@ -209,156 +208,7 @@ def test_close_fails_queued_and_running_jobs_and_refuses_new_ones():
     assert refused.value.code == "worker_dead"
 
 
-# --- the worker against a fake engine --------------------------------------------------------------
-
-@dataclass
-class FakeResult:
-    images: torch.Tensor
-    kv_allocated_bytes: int
-    seconds_ar: float = 0.01
-    seconds_decode: float = 0.01
-    unplanned_expansions: tuple = ()
-    scale_seconds: tuple = (0.004, 0.006)
-
-
-@dataclass
-class FakePool:
-    images: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.images * KV_PER_IMAGE
-
-
-class FakeEngine:
-    """Image i is filled with labels[i] + seeds[i]; batch sizes seen are recorded."""
-
-    model_name, num_classes, resolution, channels, policy_name = "fake", 10, 2, 1, "amskv"
-    device = torch.device("cpu")
-
-    def __init__(self, oom_above: int | None = None) -> None:
-        self.calls: list[int] = []
-        self.oom_above = oom_above
-
-    def kv_bytes_per_image(self) -> int:
-        return KV_PER_IMAGE
-
-    def vanilla_kv_bytes_per_image(self) -> int:
-        return 2 * KV_PER_IMAGE
-
-    def max_batch(self, budget_bytes: int, cap: int = 256) -> int:
-        return min(cap, budget_bytes // KV_PER_IMAGE)
-
-    def new_pool(self, images: int) -> FakePool:
-        return FakePool(images)
-
-    def generate(self, labels, seeds, params, pool: FakePool | None = None) -> FakeResult:
-        if pool is not None and len(labels) > pool.images:
-            raise ValueError(f"{len(labels)} images exceed the pool of {pool.images}")
-        self.calls.append(len(labels))
-        if self.oom_above is not None and len(labels) > self.oom_above:
-            raise torch.OutOfMemoryError("fake OOM")
-        values = torch.tensor([(lab + seed) % 256 for lab, seed in zip(labels, seeds)], dtype=torch.uint8)
-        images = values.view(-1, 1, 1, 1).expand(-1, 2, 2, 1).contiguous()  # (B, H, W, C)
-        return FakeResult(images, kv_allocated_bytes=KV_PER_IMAGE * len(labels))
-
-
-def start_worker(engine: FakeEngine, *, budget_images: int = 8, faults: FaultPlan | None = None,
-                 delay_s: float = 0.0):
-    settings = Settings(kv_budget_gib=budget_images * KV_PER_IMAGE / 2**30, max_queue_images=256)
-    batcher = Batcher(max_queue_images=256, max_queue_delay_s=delay_s)
-    worker = InferenceWorker(settings, batcher, lambda: engine, dtype="fp32", faults=faults)
-    worker.start()
-    worker.wait_started(WAIT_S)
-    return batcher, worker
-
-
-def submit_now(batcher: Batcher, images: int, first_label: int = 0) -> Job:
-    job = make_job(images, arrival=time.monotonic(), first_label=first_label)
-    batcher.submit(job)
-    return job
-
-
-def test_worker_caps_batches_by_the_kv_budget_and_returns_each_image():
-    engine = FakeEngine()
-    batcher, worker = start_worker(engine, budget_images=4)
-    try:
-        assert worker.max_images == 4 and worker.ready
-        job = submit_now(batcher, 10)
-        result = answer(job)
-        assert [int(img[0, 0, 0]) for img in result.images] == [(i + 1000 + i) % 256 for i in range(10)]
-        assert max(engine.calls[1:]) <= 4  # calls[0] is the warm-up
-        assert result.batches == 3
-    finally:
-        worker.stop()
-
-
-def test_oom_splits_the_batch_lowers_the_cap_and_every_request_still_succeeds():
-    engine, faults = FakeEngine(oom_above=2), FaultPlan()
-    faults.update(hold_until_queued_images=8)  # all four jobs queue before the worker takes a batch
-    batcher, worker = start_worker(engine, budget_images=8, faults=faults)
-    ooms = counter(metrics.OOM)
-    try:
-        jobs = [submit_now(batcher, 2, first_label=10 * k) for k in range(4)]
-        for k, job in enumerate(jobs):
-            values = [int(img[0, 0, 0]) for img in answer(job).images]
-            assert values == [(10 * k + i + 1000 + i) % 256 for i in range(2)]
-        # one batch of 8 (calls[0] is the warm-up): 8 -> OOM, 4 -> OOM, 2 + 2, then 4 -> OOM, 2 + 2
-        assert engine.calls[1:] == [8, 4, 2, 2, 4, 2, 2]
-        assert counter(metrics.OOM) == ooms + 3
-        assert worker.max_images <= 2
-    finally:
-        worker.stop()
-
-
-def test_oom_of_a_single_image_fails_only_that_request():
-    faults = FaultPlan()
-    batcher, worker = start_worker(FakeEngine(), budget_images=8, faults=faults)
-    try:
-        faults.update(oom_calls=1, oom_above_images=0)
-        with pytest.raises(OutOfMemory):
-            answer(submit_now(batcher, 1))
-        assert worker.ready  # an OOM is not fatal
-        assert len(answer(submit_now(batcher, 1)).images) == 1
-    finally:
-        worker.stop()
-
-
-def test_injected_batch_error_fails_that_batch_only_and_later_batches_succeed():
-    faults = FaultPlan()
-    batcher, worker = start_worker(FakeEngine(), faults=faults)
-    try:
-        faults.update(fail_batches=1)
-        with pytest.raises(JobFailed):
-            answer(submit_now(batcher, 2))
-        assert len(answer(submit_now(batcher, 2)).images) == 2
-    finally:
-        worker.stop()
-
-
-def test_killed_worker_fails_queued_work_fast_and_refuses_new_work():
-    faults = FaultPlan()
-    faults.update(batch_delay_ms=60_000)  # the first batch runs until the test ends the delay
-    batcher, worker = start_worker(FakeEngine(), faults=faults)
-    try:
-        running = submit_now(batcher, 1)
-        wait_until(lambda: running.status == JobStatus.RUNNING, "the worker to take the first job alone")
-        faults.update(kill_worker=True)
-        queued = submit_now(batcher, 1)  # queued behind the running batch
-        assert queued.status == JobStatus.QUEUED
-        faults.update(batch_delay_ms=0)  # the batch in flight finishes, then the thread dies
-        with pytest.raises(Unavailable):
-            answer(queued)
-        assert len(answer(running).images) == 1
-        worker._thread.join(WAIT_S)
-        assert not worker._thread.is_alive(), "the killed inference thread did not end"
-        assert worker.died and not worker.ready
-        with pytest.raises(Unavailable) as refused:
-            submit_now(batcher, 1)
-        assert refused.value.code == "worker_dead"
-    finally:
-        worker.stop()
-
+# --- fault holds (server/faults.py) ---------------------------------------------------------------
 
 def test_hold_keeps_the_queue_until_enough_images_are_queued_even_past_the_delay():
     clock, faults = FakeClock(), FaultPlan()
@@ -381,14 +231,6 @@ def test_hold_ends_at_its_timeout_and_when_the_plan_stops():
     assert faults.holds(1)
     faults.stop()
     assert not faults.holds(1)
-
-
-def test_budget_too_small_for_one_image_stops_start_up():
-    settings = Settings(kv_budget_gib=1 / 2**30)  # 1 byte
-    worker = InferenceWorker(settings, make_batcher(), lambda: FakeEngine(), dtype="fp32")
-    worker.start()
-    with pytest.raises(ValueError, match="holds no image"):
-        worker.wait_started(WAIT_S)
 
 
 def test_take_batch_blocks_until_work_arrives():
