@@ -47,7 +47,10 @@ def test_bf16_stays_close_to_fp32_on_the_demo_model(fp32):
     share, psnr = equal_token_share(reference, low), psnr_db(reference, low)
     print(f"bf16 vs fp32: {share:.3f} equal tokens, {psnr:.2f} dB")
     assert share >= MIN_EQUAL_TOKENS and psnr >= MIN_PSNR_DB, (share, psnr)
-    assert torch.equal(reference.tokens[0], low.tokens[0])  # the 1x1 scale, before any drift, agrees
+    # the 1x1 scale, before any drift: bf16 moves a logit by ~2^-8 relative, so a draw changes only where its uniform
+    # lies that close to a CDF boundary; measured 20/20 equal, and one flip is allowed for other CPUs' bf16 kernels
+    # (AMX rounds bf16 products differently)
+    assert (reference.tokens[0] == low.tokens[0]).sum().item() >= len(LABELS) - 1
     assert low.kv_allocated_bytes * 2 == reference.kv_allocated_bytes  # the cache really is 2-byte
 
 
