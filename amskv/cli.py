@@ -1,13 +1,17 @@
-"""`amskv` console script: one sub-command per module.
+"""amskv: class-conditional image generation with VAR, its KV cache managed by AMS-KV.
 
-Each command module exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Modules are imported only to build the parser, so every command stays cheap to list.
+Generate images, price and analyse the KV cache, serve the HTTP API, train and evaluate the bundled MNIST
+models, and run the benchmarks. One sub-command per module: each command module exposes ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only to build the parser, so every
+command stays cheap to list.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from amskv.commands.common import DefaultsHelpFormatter
 
@@ -23,8 +27,21 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+DESCRIPTION = ("Class-conditional image generation with VAR (next-scale prediction), its KV cache managed by "
+               "AMS-KV: generate images, price and analyse the KV cache, serve the HTTP API, train and evaluate "
+               "the bundled MNIST models, benchmark.")
+
+
+def package_version() -> str:
+    try:
+        return version("amskv")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amskv", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="amskv", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS:
         try:
@@ -42,10 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that left (`| head`) shows here, not at exit
+        return code
     except ValueError as exc:  # bad input: a checkpoint that does not load, a label out of range, ...
         print(f"amskv {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout closed it (`amskv memory --json | head`): stop quietly, as `cat` does. stdout
+        # goes to /dev/null so the interpreter's final flush cannot raise again; 141 = 128 + SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

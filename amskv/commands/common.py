@@ -27,7 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_policy: str = D
     parser.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="policy parameter, repeatable (e.g. c_min=100, preset=aggressive, profile=FILE)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="transformer dtype")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when torch sees a GPU, "
+                                                         "as `amskv serve`)")
 
 
 def parse_policy_args(items: list[str]) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """`amskv memory`: the figures, the JSON keys, budgets, checkpoint paths and errors."""
 import json
+import re
 
 import pytest
 
@@ -74,6 +75,22 @@ def test_table_output(capsys):
     assert main(["memory", "--model", "d30", "--budget-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert "reduction vs vanilla" in out and "max batch in 80.00 GiB" in out and "var-d30" in out
+
+
+def test_table_labels_every_figure_stored_or_allocated_as_the_readme_headline(capsys):
+    # README headline: VAR-d30 bf16, default policy, 25 % of layers demanding: KV stored 29.5 % of vanilla,
+    # 47.3 % of full (88.2 vs 298.8 MiB)
+    assert main(["memory", "--model", "d30", "--demanding-fraction", "0.25"]) == 0
+    lines = dict(re.match(r"(\s*\S.*?)\s{2,}(\S.*)", line).groups() for line in capsys.readouterr().out.splitlines())
+    assert lines["stored per image"] == "88.18 MiB: 29.5% of vanilla, 47.3% of full"
+    assert lines["allocated per image"].startswith("95.95 MiB")
+    assert lines["vanilla per image"] == "298.83 MiB stored, 298.83 MiB allocated"
+    assert lines["reduction vs vanilla"] == "stored 70.5%, allocated 67.9%"
+    assert not any(key.startswith("case ") for key in lines)  # the old "case worst case" rows
+    unlabelled = [key for key, value in lines.items() if ("MiB" in value or "GiB" in value)
+                  and "stored" not in key + value and "allocated" not in key + value
+                  and key not in ("  of which workspace", "peak attention working set")]  # part of allocated; reads
+    assert unlabelled == [], lines
 
 
 def test_static_profile_and_errors(capsys, tmp_path):
