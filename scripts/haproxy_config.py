@@ -15,6 +15,10 @@ is what is shipped. The choices, and why:
   where a retry is not free (no seed: a new random seed per attempt; a retry after work started repeats it).
   Responses are not retried on timeout: a slow batch retried elsewhere would double the load that made it slow.
 - `option http-buffer-request`: HAProxy can only resend a request whose body it still holds.
+- `option abortonclose`: a client that closes its connection while its request waits (for a replica or in the
+  replica's queue) closes the replica's side too, so the replica sees the disconnect and cancels the job.
+  Without it HAProxy took the client's close for a half-close and the abandoned work was generated anyway. It is
+  set in `defaults`: in the backend alone, HAProxy 2.6 did not pass the close on (measured).
 - `timeout http-request`, `timeout client`, `timeout http-keep-alive`: slow, idle and half-open clients are
   closed at the edge (uvicorn itself has no header timeout).
 """
@@ -59,6 +63,9 @@ def render(servers: list[tuple[str, str]], *, bind: str, docker_dns: bool = Fals
         "    # longer than AMSKV_REQUEST_TIMEOUT_S (120 s): the replica answers its own timeout first",
         f"    timeout server {timeout_server}",
         "    timeout queue 10s",
+        "    # a client that leaves closes the replica's side too, so the replica cancels the request it queued;",
+        "    # in defaults, not only in the backend: HAProxy 2.6 then watches the client while the server works",
+        "    option abortonclose",
         "",
     ]
     if docker_dns:

@@ -129,7 +129,8 @@ def test_compose_balancer_config_validates_and_is_the_generators_output():
                                capture_output=True, text=True, timeout=60, check=True).stdout
     assert COMPOSE_CONFIG.read_text() == generated, "regenerate: python scripts/haproxy_config.py --compose"
     for line in ("balance leastconn", "option httpchk GET /readyz", "retry-on conn-failure empty-response 503",
-                 "option redispatch 1", "option http-buffer-request", "timeout http-request 10s"):
+                 "option redispatch 1", "option http-buffer-request", "timeout http-request 10s",
+                 "option abortonclose"):
         assert line in generated
 
 
@@ -257,3 +258,45 @@ def test_sigkill_to_one_replica_fails_at_most_its_requests_in_flight_with_a_clea
     assert len(generate) == LOAD_REQUESTS, len(generate)
     failures = [r for r in generate if r["status"] != "200"]
     assert len(failures) == failed and all(r["server"] == "api-0" for r in failures), failures
+
+
+# --- a client that leaves is seen by the replica ---------------------------------------------------------
+
+ABANDONED = 4
+
+
+def raw_generate(port: int, body: dict) -> socket.socket:
+    """A generate request sent whole on a raw socket, its answer never read."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def test_requests_abandoned_while_queued_behind_the_balancer_are_cancelled_on_the_replica(tmp_path):
+    # Without `option abortonclose` HAProxy kept the replica's side open after the client left: the abandoned
+    # requests were generated and counted 200.
+    replica = Server(tmp_path, {**REPLICA_ENV, "AMSKV_FAULT_INJECTION": "1"})
+    balancer = behind(tmp_path, [replica])
+    pool = ThreadPoolExecutor(1)
+    try:
+        replica.set_faults(batch_delay_ms=300)  # every scale step is slow: the first request fills the batch
+        blocker = pool.submit(httpx.post, f"{balancer.base}/v1/generate",
+                              json={"class_labels": [1], "n": 8, "seed": 1}, timeout=120)
+        replica.wait_for(lambda: replica.metric("amskv_batch_running_images") >= 8, 60, "a full running batch")
+        sockets = [raw_generate(balancer.port, {"class_labels": [2], "n": 8, "seed": 2 + i})
+                   for i in range(ABANDONED)]
+        replica.wait_for(lambda: replica.metric("amskv_queue_requests") >= ABANDONED, 30, "the requests queued")
+        for sock in sockets:
+            sock.close()  # the clients give up while their requests wait
+        replica.wait_for(lambda: replica.metric("amskv_requests_cancelled_total") >= ABANDONED, 30,
+                         f"{ABANDONED} cancellations on the replica")
+        replica.set_faults(batch_delay_ms=0)
+        assert blocker.result(timeout=120).status_code == 200
+        answered_200 = requests_with_status(metric_series(replica), 200)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        balancer.stop()
+        replica.stop()
+    assert answered_200 == 1, "an abandoned request was generated anyway"
