@@ -138,13 +138,21 @@ def _merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def validation_error(exc: RequestValidationError, body_schema: dict[str, Any] | None) -> InvalidRequest:
-    """Turn FastAPI's list of errors into one envelope naming the first bad field and its range."""
+    """Turn FastAPI's list of errors into one envelope naming the first bad field and its range.
+
+    An unknown field comes first: `{"classes": [3]}` is a misspelt `class_labels`, and "class_labels: Field
+    required" alone would not say which key was wrong.
+    """
     errors = _merge_union_errors(list(exc.errors()))
+    errors.sort(key=lambda err: err.get("type") != "extra_forbidden")  # stable: the order within each kind stays
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     param = "body" if first.get("type") == "json_invalid" else _param_name(tuple(first["loc"]))
     field = param.split("[")[0].split(".")[0]
     message = f"{param}: {first['msg']}"
-    if body_schema is not None:
+    if first.get("type") == "extra_forbidden":
+        known = ", ".join((body_schema or {}).get("properties", {}))
+        message = f"{param}: unknown field" + (f" (the fields are: {known})" if known else "")
+    elif body_schema is not None:
         message += _allowed_range(body_schema, field)
     if first.get("type") == "missing" and param == "body":
         message = "request body is required (a JSON object)"
