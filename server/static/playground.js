@@ -101,6 +101,11 @@ function showError(message) {
   $("error").hidden = false;
 }
 
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
 async function generate(event) {
   event.preventDefault();
   const labels = parseLabels($("classes").value);
@@ -109,7 +114,7 @@ async function generate(event) {
                 top_p: Number($("top-p").value), stream: true};
   if ($("top-k").value !== "") body.top_k = Number($("top-k").value);
   $("images").innerHTML = "";
-  $("error").hidden = true;
+  clearError();
   window.amskvPreviewLog = [];
   delete document.body.dataset.done;
   $("generate").disabled = true;
@@ -166,5 +171,11 @@ async function generate(event) {
 }
 
 $("form").addEventListener("submit", generate);
+// A submit the browser blocks (a field out of range, classes empty) fires "invalid" instead of "submit": the
+// error of an earlier request no longer describes what is on screen. "invalid" does not bubble, so capture it.
+$("form").addEventListener("invalid", () => {
+  clearError();
+  $("state").textContent = "";
+}, true);
 loadModel();
 pollStatus();

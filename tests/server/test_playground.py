@@ -120,3 +120,52 @@ def test_two_images_refine_scale_by_scale_and_render_in_chromium(server, tmp_pat
     assert Image.open(screenshot).size[0] >= 1000
     if os.environ.get("AMSKV_UPDATE_DOCS") == "1":
         shutil.copyfile(screenshot, DOC_SCREENSHOT)
+
+
+def open_page(driver, chromium: str, tmp_path, viewport: dict):
+    browser = driver.chromium.launch_persistent_context(
+        str(tmp_path / "profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True, viewport=viewport)
+    return browser, browser.new_page()
+
+
+def test_a_phone_wide_page_is_no_wider_than_the_screen(server, tmp_path):
+    chromium = find_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser, page = open_page(driver, chromium, tmp_path, {"width": 390, "height": 844})
+        try:
+            page.goto(f"{server.base}/")
+            page.wait_for_function("document.querySelectorAll('#class-chips button').length === 10")
+            before = page.evaluate("document.scrollingElement.scrollWidth")
+            page.fill("#classes", "3")
+            page.fill("#n", "1")
+            page.click("#generate")
+            page.wait_for_function("document.body.dataset.done", timeout=120_000)
+            after = page.evaluate("document.scrollingElement.scrollWidth")  # with an image card shown
+        finally:
+            browser.close()
+    assert before <= 390 and after <= 390, (before, after)
+
+
+def test_a_submit_the_browser_blocks_clears_the_previous_error(server, tmp_path):
+    chromium = find_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser, page = open_page(driver, chromium, tmp_path, {"width": 1100, "height": 760})
+        try:
+            page.goto(f"{server.base}/")
+            page.wait_for_function("document.querySelectorAll('#class-chips button').length === 10")
+            page.fill("#classes", "no-such-class")
+            page.click("#generate")
+            page.wait_for_function("document.body.dataset.done === 'failed'", timeout=60_000)
+            assert page.is_visible("#error") and "no-such-class" in page.inner_text("#error")
+            page.fill("#classes", "3")
+            page.fill("#n", "99")  # above the field's max: the browser refuses to submit, no request is sent
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('error').hidden", timeout=5_000)
+            state = page.inner_text("#state")
+        finally:
+            browser.close()
+    assert state == ""
