@@ -13,6 +13,7 @@ matplotlib is imported only when heatmaps are drawn.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,8 +178,12 @@ def visibility(kept_after_scale: list, depth: int, num_scales: int) -> torch.Ten
     return seen / later  # last scale: 0/0 -> NaN, no later query exists
 
 
-def analyze(engine, labels: list[int], seeds: list[int], params, batch: int) -> AnalysisResult:
-    """Density and similarity under ``full``, kept scales under ``engine.policy``, in batches of ``batch``."""
+def analyze(engine, labels: list[int], seeds: list[int], params, batch: int,
+            progress: Callable[[int], None] | None = None) -> AnalysisResult:
+    """Density and similarity under ``full``, kept scales under ``engine.policy``, in batches of ``batch``.
+
+    ``progress(images)`` is called after each batch with the number of images it analysed.
+    """
     cfg = engine.config
     full = engine.with_policy("full")
     observer = AttentionObserver(cfg.depth, cfg.patch_nums, float(engine.var.blocks[0].attn.scale))
@@ -195,6 +200,8 @@ def analyze(engine, labels: list[int], seeds: list[int], params, batch: int) -> 
         result.expansions.append(dict(run.expansions))
         result.kv_allocated_bytes.append(run.kv_allocated_bytes)
         result.kv_peak_stored_bytes.append(run.kv_peak_stored_bytes)
+        if progress is not None:
+            progress(n)
     result.density_per_layer = observer.density()
     result.similarity = observer.similarity()
     result.visibility = vis_sum / len(labels)

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     parser.add_argument("--out", required=True, help="output directory for analysis.json and the heatmaps")
     parser.add_argument("--calibrate", metavar="PROFILE.json", help="write the amskv-static calibration profile")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     thr = parser.add_mutually_exclusive_group()
     thr.add_argument("--theta", type=float, help="similarity threshold (default: the AMS-KV policy's theta)")
     thr.add_argument("--target-fraction", type=float, help="choose theta so this fraction of layers is demanding")
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from amskv.kvcache.profile import check_profile_depth, write_profile
     from amskv.model.loading import CheckpointError
     from amskv.sampling import SamplingParams
+    from tqdm import tqdm
 
     if args.n < 1 or args.batch < 1 or args.seed < 0 or args.cfg < 0:
         print("error: need --n >= 1, --batch >= 1, --seed >= 0 and --cfg >= 0", file=sys.stderr)
@@ -64,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     labels = sample_labels(args.n, args.seed, engine.num_classes)
     seeds = [args.seed + i for i in range(args.n)]
-    result = analyze(engine, labels, seeds, SamplingParams(cfg=args.cfg), args.batch)
+    # each batch runs twice (under full with the observer, then under the policy): the bar counts images
+    with tqdm(total=args.n, desc=f"analyze {engine.model_name}", unit="img", file=sys.stderr,
+              disable=args.no_progress) as bar:
+        result = analyze(engine, labels, seeds, SamplingParams(cfg=args.cfg), args.batch, progress=bar.update)
     profile = calibrate(result.similarity, engine.config.depth,
                         calibration_policy(engine),
                         engine.config.patch_nums, args.theta, args.target_fraction, engine.model_name, args.n)

@@ -121,3 +121,14 @@ def test_argument_errors(golden_dir, tmp_path, capsys):
     assert main(["analyze", *model, "--out", str(tmp_path), "--policy", "amskv-static",
                  "--policy-arg", f"profile={profile}"]) == 2
     assert "3 layers" in capsys.readouterr().err
+
+
+def test_progress_counts_the_images_on_stderr_unless_switched_off(golden_dir, tmp_path, capsys):
+    argv = ["analyze", "--var", str(golden_dir / "tiny_var.pth"), "--vae", str(golden_dir / "vae.pth"),
+            "--n", "2", "--batch", "1", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "2/2" in captured.err and "analyze var-d2-w128" in captured.err
+    assert json.loads(captured.out)["samples"] == 2  # stdout stays one JSON line
+    assert main([*argv[:-1], str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "2/2" not in capsys.readouterr().err
