@@ -9,11 +9,15 @@ is what is shipped. The choices, and why:
 - `balance leastconn`: a request holds its connection for the whole generation (hundreds of ms to minutes),
   so the replica with the fewest requests outstanding is the least loaded one.
 - `/readyz` health checks: a starting, draining or dead replica answers 503 and leaves the rotation.
-- `retry-on conn-failure empty-response 503` + `option redispatch 1`: a refused connection, a connection closed
-  before any byte of answer (a replica killed mid-request), and a 503 (`draining`, `queue_full`, `not_ready`)
-  are retried on another replica. Safe because generation is deterministic per seed; see docs/scale-out.md for
-  where a retry is not free (no seed: a new random seed per attempt; a retry after work started repeats it).
-  Responses are not retried on timeout: a slow batch retried elsewhere would double the load that made it slow.
+- `retry-on conn-failure empty-response` + `option redispatch 1`: a refused connection and a connection closed
+  before any byte of answer (a replica killed mid-request) are retried on another replica. Safe because
+  generation is deterministic per seed; see docs/scale-out.md for where a retry is not free (no seed: a new
+  random seed per attempt; a retry after work started repeats it). Not retried:
+  - a 503. A `queue_full` retried on the other replicas was counted once per attempt (172 refusals counted
+    against 43 that clients saw), and `leastconn` already picked the least loaded replica. A replica that
+    stops announces it first (AMSKV_DRAIN_NOTICE_S: /readyz 503 while it still admits requests), so the
+    health checks take it out before its drain answers `draining`;
+  - a timeout: a slow batch retried elsewhere would double the load that made it slow.
 - `option http-buffer-request`: HAProxy can only resend a request whose body it still holds.
 - `option abortonclose`: a client that closes its connection while its request waits (for a replica or in the
   replica's queue) closes the replica's side too, so the replica sees the disconnect and cancels the job.
@@ -87,7 +91,9 @@ def render(servers: list[tuple[str, str]], *, bind: str, docker_dns: bool = Fals
         "    option httpchk GET /readyz",
         "    http-check expect status 200",
         f"    retries {retries}",
-        "    retry-on conn-failure empty-response 503",
+        "    # not 503: a queue_full retried elsewhere is counted once per attempt; stopping replicas leave the",
+        "    # rotation through /readyz before they refuse work (AMSKV_DRAIN_NOTICE_S)",
+        "    retry-on conn-failure empty-response",
         "    option redispatch 1",
         f"    default-server check inter {check_interval} fall 2 rise 2",
     ]

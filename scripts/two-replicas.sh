@@ -19,6 +19,9 @@ read -r -a PORTS <<< "${REPLICA_PORTS:-8001 8002}"
 PYTHON="${PYTHON:-python3}"
 LOG_DIR="${LOG_DIR:-$(mktemp -d -t amskv-replicas.XXXXXX)}"
 mkdir -p "$LOG_DIR"
+# A replica given SIGTERM answers /readyz 503 this long before its drain refuses work: the balancer (checks every
+# 1 s, fall 2) takes it out first, since a 503 is not retried on the other replica.
+export AMSKV_DRAIN_NOTICE_S="${AMSKV_DRAIN_NOTICE_S:-3}"
 export AMSKV_TORCH_THREADS="${AMSKV_TORCH_THREADS:-$(( $(nproc) / ${#PORTS[@]} > 0 ? $(nproc) / ${#PORTS[@]} : 1 ))}"
 
 command -v haproxy >/dev/null || { echo "haproxy not found; apt-get install haproxy" >&2; exit 2; }

@@ -22,7 +22,7 @@ from server.batcher import Batcher
 from server.classes import ClassCatalog
 from server.docs_ui import add_offline_docs
 from server.errors import Unavailable, register_exception_handlers
-from server.middleware import GENERATE_PATHS, RequestGuard, RequestMetrics
+from server.middleware import GENERATE_PATHS, DrainNotice, RequestGuard, RequestMetrics
 from server.routes import catalog, faults, generate, health, openai_images
 from server.routes.playground import add_playground
 from server.schemas import GenerateRequest, ImagesGenerationRequest
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 openai_schemas={openai_images.IMAGES_PATH: ImagesGenerationRequest.model_json_schema()})
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(DrainNotice)
 
     for router in (generate.router, openai_images.router, catalog.router, health.router):
         app.include_router(router)

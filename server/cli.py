@@ -1,8 +1,9 @@
 """`amskv serve`: run the HTTP server (uvicorn, one process that owns the device).
 
 Flags override AMSKV_* environment variables. On SIGTERM the server first drains: /readyz turns
-503, new requests get 503, queued work finishes within AMSKV_DRAIN_TIMEOUT_S; then uvicorn shuts
-down and re-raises the signal (the conventional exit). A second signal skips the drain.
+503 (for AMSKV_DRAIN_NOTICE_S it still admits requests, so a balancer takes it out of rotation
+first), then new requests get 503, queued work finishes within AMSKV_DRAIN_TIMEOUT_S; then uvicorn
+shuts down and re-raises the signal (the conventional exit). A second signal skips the drain.
 """
 from __future__ import annotations
 
@@ -160,6 +161,14 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain_then_exit(self, service: Any) -> None:
         try:
+            notice_s = service.settings.drain_notice_s
+            if notice_s > 0:  # leave the balancer's rotation first; requests are still admitted meanwhile
+                from server import metrics
+
+                self._app.state.leaving = True
+                metrics.READY.set(0)
+                logger.info("leaving the rotation: /readyz answers 503 for %.0f s before the drain", notice_s)
+                await asyncio.sleep(notice_s)
             await service.drain()
         finally:
             self.should_exit = True

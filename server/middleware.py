@@ -1,4 +1,5 @@
-"""Pure ASGI middleware of the service: request ids and generate-endpoint metrics; media type and body limits."""
+"""Pure ASGI middleware of the service: request ids and generate-endpoint metrics; media type and body limits;
+the drain notice on /readyz."""
 from __future__ import annotations
 
 import time
@@ -7,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from server import metrics
+from starlette.responses import JSONResponse
+
 from server.errors import ApiError, BodyTooLarge, UnsupportedMediaType, error_response
 
 GENERATE_PATHS = metrics.GENERATE_ENDPOINTS
@@ -84,6 +87,23 @@ class RequestGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class DrainNotice:
+    """Pure ASGI middleware: once `amskv serve` announced its exit (``app.state.leaving``, set on SIGTERM for
+    AMSKV_DRAIN_NOTICE_S), /readyz answers 503 DRAINING while requests are still admitted, so a balancer's
+    health checks take the replica out of rotation before its drain refuses anything (server/cli.py)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if (scope["type"] == "http" and scope.get("path") == "/readyz"
+                and getattr(scope["app"].state, "leaving", False)):
+            response = JSONResponse({"status": "DRAINING", "detail": "shutting down: leaving the rotation before "
+                                     "the drain"}, status_code=503)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 async def _reject(scope: dict, send: Callable, reason: str, error: ApiError) -> None:

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # At least one full batch of the served model (docs/deploy.md, "Lifecycle timing"): d16 at 256 images
     # takes ~10 s on an H100-class GPU, d30 ~35 s; the compose and Kubernetes grace periods follow from it.
     drain_timeout_s: float = Field(60.0, ge=0)
+    drain_notice_s: float = Field(
+        0.0, ge=0, le=300, description="after SIGTERM, /readyz answers 503 this long while requests are still "
+        "admitted, before the drain starts refusing them: a balancer's health checks take the replica out first "
+        "(compose sets 3 s; Kubernetes uses its preStop sleep instead)")
 
     # Fatal states: the process exits non-zero so the restart policy or the liveness probe replaces it.
     load_timeout_s: float = Field(1800.0, gt=0, description="model load + calibration + warm-up must end in this")

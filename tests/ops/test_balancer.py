@@ -31,7 +31,9 @@ COMPOSE_CONFIG = REPO / "docker/haproxy/haproxy.cfg"
 # Per replica: batches of 8, room for 64 queued images, so 16 concurrent one-image clients never fill the
 # survivor's queue when one replica goes away; a short keep-alive so the uvicorn limit shows within seconds.
 REPLICA_ENV = {"AMSKV_MAX_BATCH": "8", "AMSKV_MAX_QUEUE_IMAGES": "64", "AMSKV_MAX_IMAGES_PER_REQUEST": "8",
-               "AMSKV_MAX_QUEUE_DELAY_MS": "20", "AMSKV_DRAIN_TIMEOUT_S": "20", "AMSKV_KEEPALIVE_TIMEOUT_S": "1"}
+               "AMSKV_MAX_QUEUE_DELAY_MS": "20", "AMSKV_DRAIN_TIMEOUT_S": "20", "AMSKV_KEEPALIVE_TIMEOUT_S": "1",
+               # the balancer checks every 500 ms, fall 2: out of rotation before the drain refuses anything
+               "AMSKV_DRAIN_NOTICE_S": "2"}
 LOAD_REQUESTS, LOAD_CONCURRENCY = 240, 16
 # Bounds for "closed by the server", not performance figures: the configured timeout is 2 s.
 HEADER_TIMEOUT_S, CLOSE_BOUND_S = 2, 30
@@ -90,9 +92,9 @@ class Balancer:
             self.process.wait(timeout=10)
 
 
-def start_replicas(tmp_path: Path, count: int = 2) -> list[Server]:
+def start_replicas(tmp_path: Path, count: int = 2, env: dict[str, str] | None = None) -> list[Server]:
     with ThreadPoolExecutor(count) as pool:  # model loads overlap
-        return list(pool.map(lambda _: Server(tmp_path, REPLICA_ENV), range(count)))
+        return list(pool.map(lambda _: Server(tmp_path, env or REPLICA_ENV), range(count)))
 
 
 def behind(tmp_path: Path, replicas: list[Server]) -> Balancer:
@@ -128,7 +130,7 @@ def test_compose_balancer_config_validates_and_is_the_generators_output():
     generated = subprocess.run([sys.executable, str(REPO / "scripts/haproxy_config.py"), "--compose"],
                                capture_output=True, text=True, timeout=60, check=True).stdout
     assert COMPOSE_CONFIG.read_text() == generated, "regenerate: python scripts/haproxy_config.py --compose"
-    for line in ("balance leastconn", "option httpchk GET /readyz", "retry-on conn-failure empty-response 503",
+    for line in ("balance leastconn", "option httpchk GET /readyz", "retry-on conn-failure empty-response\n",
                  "option redispatch 1", "option http-buffer-request", "timeout http-request 10s",
                  "option abortonclose"):
         assert line in generated
@@ -300,3 +302,34 @@ def test_requests_abandoned_while_queued_behind_the_balancer_are_cancelled_on_th
         balancer.stop()
         replica.stop()
     assert answered_200 == 1, "an abandoned request was generated anyway"
+
+
+# --- a refusal is counted once per client request ---------------------------------------------------------
+
+def queue_full_refusals(replica: Server) -> float:
+    return metric_series(replica).get('amskv_requests_rejected_total{reason="queue_full"}', 0.0)
+
+
+def test_queue_full_is_refused_once_per_client_request_not_once_per_balancer_retry(tmp_path):
+    # With `retry-on ... 503` every replica counted the same client's queue_full: 172 refusals were counted
+    # against 43 that clients saw. Now a 503 is passed on after one attempt, so the counts agree.
+    env = {**REPLICA_ENV, "AMSKV_MAX_QUEUE_IMAGES": "8", "AMSKV_FAULT_INJECTION": "1"}
+    replicas = start_replicas(tmp_path, env=env)
+    balancer = behind(tmp_path, replicas)
+    try:
+        for replica in replicas:
+            replica.set_faults(batch_delay_ms=50)  # slow steps: 48 clients overflow 2 × (8 running + 8 queued)
+        before = sum(queue_full_refusals(r) for r in replicas)
+        summary = finish_loadgen(start_loadgen(balancer.base, "--requests", "150", "--concurrency", "48",
+                                               "--timeout", "60", "--max-time", "120"), timeout_s=240)
+        counted = sum(queue_full_refusals(r) for r in replicas) - before
+        requests = [r for r in balancer.request_log() if r["path"] == "/v1/generate"]
+    finally:
+        balancer.stop()
+        for replica in replicas:
+            replica.stop()
+    seen = summary["error_codes"].get("queue_full", 0)
+    assert summary["lost"] == 0 and set(summary["status_counts"]) <= {"200", "503"}, summary
+    assert seen > 0, f"the load never filled the queues: {summary}"
+    assert counted == seen, f"replicas counted {counted} queue_full refusals, clients saw {seen}"
+    assert all(r["retries"] == "0" for r in requests if r["status"] == "503"), requests

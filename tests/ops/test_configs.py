@@ -216,10 +216,13 @@ def test_compose_gpu_stack_shape():
     assert {"type": "bind", "target": "/models", "read_only": True}.items() <= api["volumes"][0].items()
     drain = float(api["environment"]["AMSKV_DRAIN_TIMEOUT_S"])
     assert drain >= Settings.model_fields["drain_timeout_s"].default  # one full batch of the served model
+    # The balancer does not retry a 503: a stopping replica must leave its rotation (1 s checks, fall 2) first.
+    notice = float(api["environment"]["AMSKV_DRAIN_NOTICE_S"])
+    assert notice >= 3
     grace = api["stop_grace_period"]  # compose normalises to a Go duration such as "1m20s"
     minutes, _, seconds = grace.rstrip("s").rpartition("m")
-    # docs/deploy.md, "Lifecycle timing": grace >= drain + worker join + 10 s margin.
-    assert 60 * float(minutes or 0) + float(seconds or 0) >= drain + WORKER_JOIN_S + 10
+    # docs/deploy.md, "Lifecycle timing": grace >= notice + drain + worker join + 10 s margin.
+    assert 60 * float(minutes or 0) + float(seconds or 0) >= notice + drain + WORKER_JOIN_S + 10
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
     assert "api" not in services["prometheus"].get("depends_on", {})  # monitoring starts whatever the API's health
     assert services["balancer"]["depends_on"]["api"]["condition"] == "service_healthy"

@@ -37,7 +37,7 @@ class TwoReplicas:
         self.log_dir = tmp_path / "replicas"
         self.out = tmp_path / "two-replicas.out"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AMSKV_")}
-        env.update(REPLICA_ENV, AMSKV_TORCH_THREADS="1", OMP_NUM_THREADS="1", PYTHON=sys.executable,
+        env.update(REPLICA_ENV, AMSKV_DRAIN_NOTICE_S="3", AMSKV_TORCH_THREADS="1", OMP_NUM_THREADS="1", PYTHON=sys.executable,
                    BALANCER_PORT=str(self.balancer_port), REPLICA_PORTS=" ".join(map(str, self.replica_ports)),
                    LOG_DIR=str(self.log_dir), PATH=f"{Path(haproxy()).parent}:{env.get('PATH', '')}")
         with self.out.open("wb") as out:
