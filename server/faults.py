@@ -8,7 +8,7 @@ faults is one engine step (one scale for every running image):
 - ``fail_batches``: the next N steps raise ``InjectedFault`` (their images fail);
 - ``oom_calls`` / ``oom_above_images``: the next N steps with more than that many images run out of memory;
 - ``batch_delay_ms``: every step sleeps this long first (a slow device); setting it to 0 ends a sleep early;
-- ``kill_worker``: the next step ends the inference thread (``WorkerKilled``);
+- ``kill_worker``: the next step, or the next wait for work, ends the inference thread (``WorkerKilled``);
 - ``hold_until_queued_images``: no request is admitted until that many images are queued (bounded by
   ``hold_timeout_ms``), so that requests sent one by one still start together.
 """
@@ -111,7 +111,10 @@ class FaultyEngine:
 
 
 def held(take_batch: Callable[..., Any], plan: FaultPlan) -> Callable[..., Any]:
-    """The queue's ``take_batch`` that forms nothing while ``plan`` holds (``hold_until_queued_images``)."""
+    """The queue's ``take_batch`` that admits nothing while ``plan`` holds (``hold_until_queued_images``), and
+    that ends the thread on ``kill_worker`` even when no image runs (an idle worker only waits here)."""
     def take(max_images: int, timeout_s: float, **kwargs: Any) -> Any:
+        if plan.kill_worker:
+            raise WorkerKilled("inference thread killed by fault injection")
         return take_batch(max_images, timeout_s, hold=plan.holds, **kwargs)
     return take

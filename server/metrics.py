@@ -93,10 +93,11 @@ QUEUE_IMAGES = Gauge(
     "amskv_queue_images", "Images waiting in the queue (the admission unit).", registry=REGISTRY,
 )
 BATCH_RUNNING = Gauge(
-    "amskv_batch_running_images", "Images holding a KV slot (running) after the latest step.", registry=REGISTRY,
+    "amskv_batch_running_images", "Images running (holding a KV slot) at the latest scale boundary.", registry=REGISTRY,
 )
 BATCH_MAX = Gauge(
-    "amskv_batch_max_images", "Admissible images per batch derived from the KV budget (after OOM back-off).",
+    "amskv_batch_max_images", "Images one step may run: the KV pool's slots after OOM back-off (and, on CUDA, the "
+    "activations free memory holds).",
     registry=REGISTRY,
 )
 KV_BUDGET = Gauge(
@@ -330,7 +331,6 @@ def record_step(outcome, state) -> None:
     for scale, images in outcome.rows_per_scale.items():
         SCALE_IMAGES.labels(scale=str(scale)).inc(images)
         SCALE_DURATION.labels(scale=str(scale)).observe(outcome.seconds_ar)
-    BATCH_RUNNING.set(state.used_bytes // state.bytes_per_image if state.bytes_per_image else 0)
     KV_USED.set(state.used_bytes)
     if state.budget_bytes:
         KV_USAGE_RATIO.set(min(1.0, state.used_bytes / state.budget_bytes))
@@ -344,7 +344,7 @@ def publish_kv_state(state, room: int | None = None) -> None:
     KV_ACTIVATION_RESERVE.set(state.activation_reserve_bytes)
     KV_POOL_IMAGES.set(state.pool_images)
     BATCH_CAP.set(state.cap)
-    BATCH_MAX.set(state.admissible if room is None else room)
+    BATCH_MAX.set(state.admissible)
     if room is not None:
         SLOTS_FREE.set(room)
 

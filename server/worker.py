@@ -199,6 +199,7 @@ class InferenceWorker:
         elif not running:
             self._stop.wait(IDLE_POLL_S)  # no room and nothing running: the device is full; ask again soon
             return
+        metrics.BATCH_RUNNING.set(scheduler.running_images)  # before the step: a slow step shows what it runs
         if scheduler.running_images:
             self._publish(scheduler.step())
 

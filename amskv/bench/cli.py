@@ -11,7 +11,7 @@ import sys
 
 from amskv.bench.common import DEFAULT_OUT_DIR, DOCS_OUT_DIR, pin_threads, write_report
 
-HELP = "run a benchmark suite (memory, attention, throughput, server, quality, gpu, previews); writes JSON, Markdown, PNG"
+HELP = "run a benchmark suite (memory, attention, throughput, server, quality, gpu, previews, scheduling); writes JSON, Markdown, PNG"
 
 # suite -> module with run_suite(**options) -> Report
 SUITES = {
@@ -22,6 +22,7 @@ SUITES = {
     "quality": "amskv.bench.quality",
     "gpu": "amskv.bench.gpu",
     "previews": "amskv.bench.previews",
+    "scheduling": "amskv.bench.scheduling",
 }
 
 
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def suite_options(args: argparse.Namespace) -> dict:
     """Only the options each suite understands."""
     opts: dict = {"tiny": args.tiny}
-    if args.suite in ("attention", "throughput", "server", "gpu", "previews") and args.rounds:
+    if args.suite in ("attention", "throughput", "server", "gpu", "previews", "scheduling") and args.rounds:
         opts["rounds"] = args.rounds
     if args.suite == "memory":
         opts["measure"] = not args.no_measure
