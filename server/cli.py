@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # flag -> Settings field; only flags given on the command line override the environment.
 FLAG_FIELDS = {"host": "host", "port": "port", "model": "model", "var": "var_checkpoint", "vae": "vae_checkpoint",
                "policy": "policy", "dtype": "dtype", "device": "device", "max_batch": "max_batch",
-               "log_level": "log_level", "kv_profile": "kv_profile"}
+               "log_level": "log_level", "kv_profile": "kv_profile", "scheduler": "scheduler"}
 
 
 def _env(flag: str, default: object = None) -> str:
@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"transformer dtype {_env('dtype', 'fp32 on cpu, bf16 on cuda')}")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help=f"device {_env('device')}")
     parser.add_argument("--max-batch", type=int, help=f"cap on images per batch, at most 256 {_env('max_batch')}")
+    parser.add_argument("--scheduler", choices=["continuous", "static"],
+                        help=f"continuous: requests join and leave between scales; static: whole batches, the "
+                             f"baseline {_env('scheduler')}")
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                         help=f"log level {_env('log_level')}")
     parser.add_argument("--kv-profile", metavar="auto|off|FILE",
@@ -167,6 +170,7 @@ class DrainingServer(uvicorn.Server):
 
                 self._app.state.leaving = True
                 metrics.READY.set(0)
+                metrics.DRAINING.set(1)  # leaving on purpose: not a fatal state (alert AmskvFatalState)
                 logger.info("leaving the rotation: /readyz answers 503 for %.0f s before the drain", notice_s)
                 await asyncio.sleep(notice_s)
             await service.drain()
