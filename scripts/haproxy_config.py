@@ -25,6 +25,8 @@ is what is shipped. The choices, and why:
   set in `defaults`: in the backend alone, HAProxy 2.6 did not pass the close on (measured).
 - `timeout http-request`, `timeout client`, `timeout http-keep-alive`: slow, idle and half-open clients are
   closed at the edge (uvicorn itself has no header timeout).
+- `--metrics-bind` (compose: `:8404`): HAProxy's built-in Prometheus exporter at /metrics on its own port, so
+  the 5xx, 504s and aborts that clients see at the edge are scraped (the replicas only see their own side).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import sys
 
 COMPOSE_REPLICAS = 8  # api, api-1 … api-7 in docker-compose.yml; absent ones stay down, not errors
 COMPOSE_PORT = 8000
+COMPOSE_METRICS_PORT = 8404  # the exporter's port inside the compose network (not published)
 
 
 def compose_servers(replicas: int = COMPOSE_REPLICAS) -> list[tuple[str, str]]:
@@ -43,7 +46,7 @@ def compose_servers(replicas: int = COMPOSE_REPLICAS) -> list[tuple[str, str]]:
 def render(servers: list[tuple[str, str]], *, bind: str, docker_dns: bool = False,
            timeout_http_request: str = "10s", timeout_client: str = "150s", timeout_keep_alive: str = "5s",
            timeout_server: str = "150s", timeout_connect: str = "2s", retries: int = 3,
-           check_interval: str = "1s", maxconn: int = 4096) -> str:
+           check_interval: str = "1s", maxconn: int = 4096, metrics_bind: str | None = None) -> str:
     """The configuration text. Durations use HAProxy's syntax (2s, 500ms)."""
     if not servers:
         raise ValueError("at least one server is needed")
@@ -86,6 +89,17 @@ def render(servers: list[tuple[str, str]], *, bind: str, docker_dns: bool = Fals
         "    option http-buffer-request",
         "    default_backend replicas",
         "",
+    ]
+    if metrics_bind:
+        lines += [
+            "# HAProxy's own Prometheus exporter: what clients saw at the edge (haproxy_frontend_http_responses_total)",
+            "frontend metrics",
+            f"    bind {metrics_bind}",
+            "    http-request use-service prometheus-exporter if { path /metrics }",
+            "    http-request return status 404",
+            "",
+        ]
+    lines += [
         "backend replicas",
         "    balance leastconn",
         "    option httpchk GET /readyz",
@@ -119,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-client", default="150s")
     parser.add_argument("--timeout-keep-alive", default="5s")
     parser.add_argument("--timeout-server", default="150s")
+    parser.add_argument("--metrics-bind", help=f"serve HAProxy's Prometheus exporter at /metrics here (default "
+                        f":{COMPOSE_METRICS_PORT} with --compose, none otherwise)")
     args = parser.parse_args(argv)
     servers = compose_servers() if args.compose else args.server
     if not servers:
@@ -126,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     bind = args.bind or (f":{COMPOSE_PORT}" if args.compose else None)
     if bind is None:
         parser.error("--bind is required without --compose")
-    sys.stdout.write(render(servers, bind=bind, docker_dns=args.compose,
+    metrics_bind = args.metrics_bind or (f":{COMPOSE_METRICS_PORT}" if args.compose else None)
+    sys.stdout.write(render(servers, bind=bind, docker_dns=args.compose, metrics_bind=metrics_bind,
                             timeout_http_request=args.timeout_http_request, timeout_client=args.timeout_client,
                             timeout_keep_alive=args.timeout_keep_alive, timeout_server=args.timeout_server))
     return 0

@@ -63,15 +63,39 @@ def test_prometheus_config_is_valid_and_loads_the_rules():
     assert "1 rule files found" in result.stdout + result.stderr
 
 
+def scrape_job(name: str) -> dict:
+    (job,) = [j for j in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"] if j["job_name"] == name]
+    return job
+
+
 def test_prometheus_config_scrapes_every_replica_slot_every_5s():
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     assert config["global"]["scrape_interval"] == "5s"
-    (job,) = config["scrape_configs"]
+    assert sorted(j["job_name"] for j in config["scrape_configs"]) == ["amskv", "haproxy"]
+    job = scrape_job("amskv")
     (discovery,) = job["dns_sd_configs"]
     assert discovery["names"] == REPLICA_SLOTS and discovery["port"] == 8000
     assert sorted(REPLICA_SLOTS) == sorted(name for name in yaml.safe_load(COMPOSE.read_text())["services"]
                                            if name.startswith("api"))
     assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_prometheus_scrapes_the_balancers_exporter_where_the_compose_config_serves_it():
+    (static,) = scrape_job("haproxy")["static_configs"]
+    host, _, port = static["targets"][0].partition(":")
+    balancer = resolved(COMPOSE)["services"][host]
+    assert balancer["image"].startswith("haproxy:")
+    config = (REPO / "docker/haproxy/haproxy.cfg").read_text()
+    assert f"bind :{port}" in config.split("frontend metrics", 1)[1].split("\n\n", 1)[0]
+    assert "use-service prometheus-exporter" in config and scrape_job("haproxy").get("metrics_path") == "/metrics"
+
+
+def test_a_fatal_replica_outlives_two_scrapes_before_it_exits():
+    # A crash's last counters and its fatal state must be scraped before the process is gone.
+    interval = float(yaml.safe_load(PROMETHEUS_CONFIG.read_text())["global"]["scrape_interval"].rstrip("s"))
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_CPU]):
+        delay = float(resolved(*files)["services"]["api"]["environment"]["AMSKV_FATAL_EXIT_DELAY_S"])
+        assert delay >= 2 * interval, (files, delay)
 
 
 def test_promtool_rejects_a_broken_config(tmp_path):
@@ -341,10 +365,50 @@ def test_selector_parser_finds_metrics_not_functions_or_labels():
                                       ("amskv_batch_max_images", set())]
 
 
+def haproxy_exported_series(tmp_path: Path) -> dict[str, set[str]]:
+    """Series name -> label names, from the /metrics of a real haproxy running the generated config's exporter."""
+    import socket
+    import time
+
+    import httpx
+
+    from scripts.haproxy_config import render
+    from tests.ops.test_balancer import haproxy
+    from tests.server.test_api import free_port
+
+    port, metrics_port = free_port(), free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(render([("api-0", f"127.0.0.1:{free_port()}")], bind=f"127.0.0.1:{port}",
+                             metrics_bind=f"127.0.0.1:{metrics_port}"))
+    process = subprocess.Popen([haproxy(), "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", metrics_port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "haproxy did not start"
+                time.sleep(0.1)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    series: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, rest = line.partition("{")
+            series.setdefault(name.split(" ")[0], set()).update(re.findall(r"(\w+)=\"", rest))
+    return series
+
+
 @pytest.mark.parametrize("source", ["dashboard", "alerts"])
-def test_promql_names_only_exported_metrics_and_labels(source):
+def test_promql_names_only_exported_metrics_and_labels(source, tmp_path):
     expressions = dashboard_expressions() if source == "dashboard" else alert_expressions()
     exported = exported_series()
+    if any(name.startswith("haproxy_") for expr in expressions for name, _ in metric_selectors(expr)):
+        exported |= haproxy_exported_series(tmp_path)  # the balancer's own exporter, scraped as job haproxy
     assert expressions
     for expr in expressions:
         selectors = metric_selectors(expr)
@@ -352,9 +416,14 @@ def test_promql_names_only_exported_metrics_and_labels(source):
         for name, labels in selectors:
             if name in PROMETHEUS_BUILTIN:
                 continue
-            assert name in exported, f"{name!r} in {expr!r} is not exported by server/metrics.py"
+            assert name in exported, f"{name!r} in {expr!r} is exported neither by server/metrics.py nor by haproxy"
             unknown = labels - exported[name] - TARGET_LABELS
             assert not unknown, f"{name!r} has no label(s) {unknown} ({expr!r})"
+
+
+def test_an_alert_reads_the_balancers_metrics():
+    edge = [expr for expr in alert_expressions() if "haproxy_frontend_http_responses_total" in expr]
+    assert edge and all('proxy="amskv"' in expr for expr in edge)  # the frontend clients talk to
 
 
 def test_dashboard_covers_the_service_signals():
