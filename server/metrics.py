@@ -209,7 +209,8 @@ SCALE_DURATION = Histogram(
     ["scale"], buckets=SCALE_DURATION_BUCKETS, registry=REGISTRY,
 )
 BATCH_SIZE = Histogram(
-    "amskv_batch_size_images", "Images per executed batch.", buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
+    "amskv_batch_size_images", "Images admitted together at one scale boundary (a batch); "
+    "each image is counted once. amskv_step_images counts the images each step runs.", buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
 )
 REQUEST_IMAGES = Histogram(
     "amskv_request_images", "Images asked for per accepted request.",
@@ -313,6 +314,8 @@ def record_step(outcome, state) -> None:
     """The one place a step's stats become metrics (``outcome``: amskv.scheduler.StepOutcome; ``state``: the
     KV manager's KVState after the step)."""
     IMAGES_ADMITTED.inc(outcome.admitted)
+    if outcome.admitted:
+        BATCH_SIZE.observe(outcome.admitted)  # a batch: the images admitted together at one boundary
     IMAGES_CANCELLED.inc(outcome.cancelled)
     KV_REFUSED_EXPANSIONS.inc(outcome.refused_expansions)
     if outcome.out_of_memory:
@@ -322,7 +325,6 @@ def record_step(outcome, state) -> None:
     if not outcome.rows:
         return
     STEP_IMAGES.observe(outcome.rows)
-    BATCH_SIZE.observe(outcome.rows)
     STEP_DURATION.observe(outcome.seconds)
     if outcome.tokens:
         STEP_TOKENS.observe(outcome.tokens)

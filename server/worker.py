@@ -143,6 +143,7 @@ class InferenceWorker:
             self.death_reason = f"the inference worker died: {exc}"
             self._died = True
             metrics.READY.set(0)
+            metrics.BATCH_RUNNING.set(0)  # the batcher fails every running image below
             self.batcher.close(Unavailable("the inference worker died; the server needs a restart",
                                            code="worker_dead", retry_after_s=30))
 
@@ -202,6 +203,7 @@ class InferenceWorker:
         metrics.BATCH_RUNNING.set(scheduler.running_images)  # before the step: a slow step shows what it runs
         if scheduler.running_images:
             self._publish(scheduler.step())
+            metrics.BATCH_RUNNING.set(scheduler.running_images)
 
     def _publish(self, outcome: StepOutcome) -> None:
         """Hand a step's previews, images and failures to their jobs, and record its metrics."""
