@@ -4,7 +4,9 @@ Per variant: peak device memory (torch.cuda.max_memory_allocated), images/s afte
 self-attention time over the variant's (queries, keys) shapes, and the KV bytes. Variants are interleaved
 and timed by medians; an OOM is recorded as "OOM" for that variant, never a crash. A probe records the dtype
 and element size of the cached K both for the engine's path (blocks cast to bf16) and under autocast with
-fp32 weights. ``--tiny`` runs the same code on the CPU with a depth-2 model at batch 1 and 2.
+fp32 weights. Then, while time remains, static against continuous scheduling (``amskv.bench.scheduling``):
+the same open-loop Poisson arrivals at half the measured whole-batch capacity, replayed against both.
+``--tiny`` runs the same code on the CPU with a depth-2 model at batch 1 and 2.
 """
 from __future__ import annotations
 
@@ -126,9 +128,42 @@ def run_suite(tiny: bool = False, rounds: int | None = None, device: str = "auto
         row["attention_seconds"] = attention_time(var_cfg, name, args, batch, dev, rounds + 2) \
             if time.monotonic() - start < DEADLINE_S else "skipped (deadline)"
         rows.append(row)
+    scheduling = scheduling_section(base, rows, tiny) if time.monotonic() - start < DEADLINE_S - 60 else \
+        {"status": "skipped (deadline)"}
     return Report("gpu", {"model": f"d{var_cfg.depth}" + (" (tiny)" if tiny else ""), "device": str(dev),
                           "dtype": "bf16", "weights": "random", "rows": rows, "cached_k": probes,
-                          "wall_s": time.monotonic() - start}, _markdown(rows, probes, dev), [], [])
+                          "scheduling": scheduling, "wall_s": time.monotonic() - start},
+                  _markdown(rows, probes, dev) + _scheduling_markdown(scheduling), [], [])
+
+
+def scheduling_section(base, rows: list[dict], tiny: bool) -> dict:
+    """Static against continuous scheduling at half the whole-batch capacity the variants measured."""
+    from amskv.bench.scheduling import REQUEST_IMAGES, arrivals, run_segment, summarise
+    from amskv.kvcache.manager import KVCacheManager
+
+    measured = [r["images_per_s"] for r in rows if r["policy"] == "amskv default" and r["status"] == "ok"]
+    if not measured:
+        return {"status": "skipped (no capacity measured)"}
+    engine = base.with_policy("amskv-static")  # every layer planned demanding: the memory is known up front
+    manager = KVCacheManager(engine, max_batch=2 if tiny else 64)
+    manager.warm_up(SamplingParams(cfg=1.5, top_k=900, top_p=0.96))
+    capacity, requests = max(measured), 3 if tiny else 24
+    plan = arrivals(0.5 * capacity / (sum(REQUEST_IMAGES) / len(REQUEST_IMAGES)), requests, seed=5)
+    with torch.inference_mode():
+        out = {mode: summarise([run_segment(engine, manager, mode, plan, seed=1)]) for mode in ("static", "continuous")}
+    s, c = out["static"], out["continuous"]
+    return {"status": "ok", "load": 0.5, "capacity_images_per_s": capacity, "requests": requests, **out,
+            "ttfp_p50_ratio": c["ttfp_p50_s"] / s["ttfp_p50_s"], "latency_p90_ratio": c["latency_p90_s"] / s["latency_p90_s"],
+            "images_per_s_ratio": c["images_per_s"] / s["images_per_s"]}
+
+
+def _scheduling_markdown(sched: dict) -> str:
+    if sched.get("status") != "ok":
+        return f"\n\nScheduling: {sched.get('status')}."
+    rows = [[mode, sched[mode]["latency_p50_s"], sched[mode]["latency_p90_s"], sched[mode]["ttfp_p50_s"],
+             sched[mode]["images_per_s"], sched[mode]["mean_images_per_step"]] for mode in ("static", "continuous")]
+    return ("\n\nScheduling at half the measured capacity (open-loop Poisson, same arrivals):\n\n"
+            + md_table(["scheduler", "latency p50 s", "latency p90 s", "TTFP p50 s", "images/s", "images per step"], rows))
 
 
 def _fmt(value, scale=1.0):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from amskv.bench import attention, gpu, memory, quality
+from amskv.bench import attention, gpu, memory, quality, scheduling
 from amskv.cli import main
 
 REPO = Path(__file__).resolve().parents[3]
@@ -114,6 +114,28 @@ def test_gpu_suite_on_cpu_tiny(tmp_path):
     cast, autocast = report.data["cached_k"]
     assert (cast["k_dtype"], cast["k_element_size"]) == ("bfloat16", 2)
     assert (autocast["k_dtype"], autocast["k_element_size"]) == ("float32", 4)
+    sched = report.data["scheduling"]  # static against continuous, the same arrivals, both answered in full
+    assert sched["status"] == "ok" and sched["static"]["requests"] == sched["continuous"]["requests"] == 3
+    assert sched["images_per_s_ratio"] > 0 and "Scheduling at half" in report.markdown
+
+
+def test_scheduling_suite_tiny_replays_the_same_arrivals_against_both_schedulers():
+    report = scheduling.run_suite(tiny=True, rounds=2)
+    (model,) = report.data["models"]
+    (row,) = model["rows"]
+    assert model["static_capacity_images_per_s"] > 0 and row["load"] == 0.5
+    assert row["static_requests"] == row["continuous_requests"] == 2 * 6  # two segments of 6 requests each
+    for mode in ("static", "continuous"):
+        assert 0 < row[f"{mode}_ttfp_p50_s"] <= row[f"{mode}_latency_p50_s"]
+        assert row[f"{mode}_mean_images_per_step"] >= 1
+    assert "| demo | 0.5 |" in report.markdown
+
+
+def test_poisson_arrivals_are_reproducible_and_at_the_asked_rate():
+    plan = scheduling.arrivals(10.0, 2000, seed=3)
+    assert plan == scheduling.arrivals(10.0, 2000, seed=3)
+    assert 180 < plan[-1][0] < 220  # 2000 arrivals at 10/s: 200 s, within 5 standard deviations (4.5 s)
+    assert {k for _, k in plan} == set(scheduling.REQUEST_IMAGES)
 
 
 def test_gpu_variant_records_oom_instead_of_crashing():
