@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from server import metrics
-from server.errors import ApiError, GenerationTimeout, Unavailable
+from server.errors import ApiError, Unavailable, deadline_error
 from server.jobs import BatchPlan, BatchSlice, Job, JobStatus
 
 HOLD_POLL_S = 0.02  # how often a held queue re-asks its hold (a hold can end by time or by being reset)
@@ -71,7 +71,8 @@ class Batcher:
             if job.status.is_finished():
                 return
             stage = "queued" if job.status == JobStatus.QUEUED else "running"
-            if isinstance(error, ApiError) and error.code in ("queue_timeout", "generation_timeout"):
+            if isinstance(error, ApiError) and error.code in ("queue_timeout", "generation_timeout",
+                                                              "deadline_exceeded"):
                 metrics.TIMED_OUT.labels(stage=stage).inc()
                 self._finish(job, JobStatus.EXPIRED, error)
             else:
@@ -252,11 +253,7 @@ class Batcher:
         for job in [j for j in self._queue if j.deadline <= now]:
             stage = "queued" if job.status == JobStatus.QUEUED else "running"
             metrics.TIMED_OUT.labels(stage=stage).inc()
-            if stage == "queued":
-                error: ApiError = Unavailable("request deadline passed while it waited in the queue",
-                                              code="queue_timeout", retry_after_s=self._retry_after_s())
-            else:
-                error = GenerationTimeout("request deadline passed before all its images were generated")
+            error = deadline_error(stage == "queued", job.client_timeout_ms, self._retry_after_s())
             self._finish(job, JobStatus.EXPIRED, error)
         self._publish()
 

@@ -65,6 +65,12 @@ class GenerationTimeout(ApiError):
     status, type, code = 504, "timeout_error", "generation_timeout"
 
 
+class DeadlineExceeded(ApiError):
+    """The client's own ``timeout_ms`` passed (queued or running): its budget, not the server's overload."""
+
+    status, type, code = 504, "timeout_error", "deadline_exceeded"
+
+
 class JobFailed(ApiError):
     """The batch holding this request failed; details stay in the server log."""
 
@@ -73,6 +79,19 @@ class JobFailed(ApiError):
 
 class OutOfMemory(JobFailed):
     code = "gpu_oom"
+
+
+def deadline_error(queued: bool, client_timeout_ms: int | None, retry_after_s: int) -> ApiError:
+    """What a request past its deadline answers. The client's own ``timeout_ms`` is 504 deadline_exceeded
+    wherever it passed (its budget, not overload); the server's deadline is 503 queue_timeout while queued
+    (overload: retry later) and 504 generation_timeout once its images run."""
+    if client_timeout_ms is not None:
+        where = "in the queue" if queued else "while its images were generated"
+        return DeadlineExceeded(f"timeout_ms ({client_timeout_ms} ms) passed {where}", param="timeout_ms")
+    if queued:
+        return Unavailable("request deadline passed while it waited in the queue", code="queue_timeout",
+                           retry_after_s=retry_after_s)
+    return GenerationTimeout("request deadline passed before its images were generated")
 
 
 def envelope(message: str, type_: str, code: str, param: str | None) -> dict[str, Any]:

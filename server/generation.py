@@ -20,7 +20,7 @@ from amskv.sampling import SamplingParams
 from server import metrics
 from server.batcher import Batcher
 from server.encoding import b64_png, png_bytes, zip_archive
-from server.errors import ApiError, GenerationTimeout, InvalidRequest, Unavailable
+from server.errors import ApiError, InvalidRequest, deadline_error
 from server.jobs import Job, JobResult, JobStatus
 from server.schemas import SEED_MAX
 from server.service import Service
@@ -58,12 +58,13 @@ def new_job(service: Service, request: Request, labels: list[int], body: Any, *,
     now = time.monotonic()
     timeout_s = settings.request_timeout_s if body.timeout_ms is None else min(
         settings.request_timeout_s, body.timeout_ms / 1000)
+    client_timeout_ms = body.timeout_ms if timeout_s < settings.request_timeout_s else None
     return Job(id=request.scope.get("amskv.request_id", f"gen_{uuid.uuid4().hex}"),
                labels=[label for label in labels for _ in range(body.n)],
                seeds=[(seed + i) % (SEED_MAX + 1) for i in range(total)],
                params=SamplingParams(cfg=body.cfg_scale, top_k=top_k, top_p=body.top_p,
                                      more_smooth=body.more_smooth),
-               priority=body.priority, arrival=now, deadline=now + timeout_s,
+               priority=body.priority, arrival=now, deadline=now + timeout_s, client_timeout_ms=client_timeout_ms,
                preview_scales=frozenset(preview_scales))
 
 
@@ -97,10 +98,7 @@ def seconds_left(job: Job) -> float:
 
 def expire(batcher: Batcher, job: Job) -> ApiError:
     """Cancel a job past its deadline and return the error to answer with."""
-    error: ApiError = (Unavailable("request deadline passed while it waited in the queue",
-                                   code="queue_timeout", retry_after_s=1)
-                       if job.status == JobStatus.QUEUED
-                       else GenerationTimeout("request deadline passed before its images were generated"))
+    error = deadline_error(job.status == JobStatus.QUEUED, job.client_timeout_ms, retry_after_s=1)
     batcher.cancel(job, error)
     return error
 

@@ -50,6 +50,7 @@ class Job:
     arrival: float  # monotonic seconds
     deadline: float  # monotonic seconds
     seq: int = 0  # arrival order, set by the batcher
+    client_timeout_ms: int | None = None  # the client's timeout_ms when it set the deadline (shorter than the server's)
     status: JobStatus = JobStatus.QUEUED
     next_image: int = 0  # first image not yet handed to a batch
     future: Future = field(default_factory=Future)
