@@ -21,6 +21,7 @@ from pydantic_settings import SettingsError
 
 from amskv.commands.common import DefaultsHelpFormatter
 from amskv.config import BUNDLED_MODELS
+from server.protocol import make_protocol_class
 from server.settings import Settings, describe_validation_error
 
 HELP = "run the HTTP inference server (uvicorn, one worker process)"
@@ -121,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or 1,
                             limit_concurrency=settings.limit_concurrency,
                             timeout_keep_alive=settings.keepalive_timeout_s,
+                            # a receipt deadline for every request, and probes exempt from limit_concurrency
+                            http=make_protocol_class(settings.request_receive_timeout_s),
                             access_log=settings.log_level == "debug")
     server = DrainingServer(config, app)
     try:

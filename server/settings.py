@@ -41,9 +41,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
-    # uvicorn has no request-header timeout: these bound what idle or half-open clients can hold.
+    # What idle, slow or half-open clients can hold (server/protocol.py adds the receipt deadline uvicorn lacks).
     limit_concurrency: int = Field(2048, ge=1, description="open connections + tasks before uvicorn answers 503")
     keepalive_timeout_s: float = Field(5.0, gt=0, le=3600, description="close an idle keep-alive connection, s")
+    request_receive_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="a request (headers and body) must arrive whole within this many seconds of "
+        "the connection opening or the previous response ending, or it gets 408 and the connection closes "
+        "(server/protocol.py; uvicorn itself has no header timeout)")
 
     # Batching and admission.
     scheduler: Literal["continuous", "static"] = Field(
