@@ -6,7 +6,6 @@ independent reference; faults come from the one fault wrapper (server/faults.py)
 from __future__ import annotations
 
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from server.faults import FaultPlan
 from server.jobs import Job, JobStatus
 from server.settings import Settings
 from server.worker import InferenceWorker
+from tests.server.test_batcher import answer as batcher_answer, counter, wait_until as batcher_wait_until
 
 WAIT_S = 60  # every wait is bounded: a deadlock fails the test instead of hanging it
 PARAMS = SamplingParams(cfg=3.0, top_k=50, top_p=0.9)
@@ -31,23 +31,12 @@ def demo():
     return Engine.load(model="demo")
 
 
-def counter(metric, **labels) -> float:
-    return (metric.labels(**labels) if labels else metric)._value.get()
-
-
 def answer(job: Job, timeout_s: float = WAIT_S):
-    try:
-        return job.future.result(timeout=timeout_s)
-    except FutureTimeout:
-        pytest.fail(f"job {job.id} ({job.status.name}) got no answer within {timeout_s} s")
+    return batcher_answer(job, timeout_s)
 
 
 def wait_until(condition, what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.002)
+    batcher_wait_until(condition, what, timeout_s)
 
 
 def start_worker(engine: Engine, *, budget_images: int = 8, faults: FaultPlan | None = None,
