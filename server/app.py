@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watchdog = asyncio.create_task(_start_then_watch(app, service))
         yield
         watchdog.cancel()
-        await service.drain()
+        if service.exit_code != FATAL_EXIT:  # a fatal state has no worker left to finish the queue: no drain
+            await service.drain()
         service.batcher.close(Unavailable("server shut down", code="draining", retry_after_s=5))
         await asyncio.to_thread(service.worker.stop)
         metrics.READY.set(0)
@@ -120,6 +121,10 @@ async def _start_then_watch(app: FastAPI, service: Service) -> None:
     while (reason := service.fatal_reason()) is None:
         await asyncio.sleep(WATCH_INTERVAL_S)
     metrics.READY.set(0)
+    # Nothing will finish the queued and running requests (the worker is dead or stuck in a device call):
+    # answer them now, retryable elsewhere, rather than when the exit finally closes their connections.
+    service.batcher.close(Unavailable("this replica is in a fatal state and restarts; retry on another replica",
+                                      code="worker_dead", retry_after_s=30))
     logger.critical("fatal: %s; exiting with status %d in %.0f s so that a restart replaces this process",
                     reason, FATAL_EXIT, settings.fatal_exit_delay_s)
     await asyncio.sleep(settings.fatal_exit_delay_s)  # /livez answers 503 meanwhile

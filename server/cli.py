@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import uvicorn
@@ -27,6 +28,9 @@ from server.settings import Settings, describe_validation_error
 HELP = "run the HTTP inference server (uvicorn, one worker process)"
 
 logger = logging.getLogger(__name__)
+
+FATAL_EXIT = 70  # = server.app.FATAL_EXIT, for a forced exit before the service set its code
+EXIT_MARGIN_S = 2.0  # after the worker join (server.worker.WORKER_JOIN_S), for the last answers to go out
 
 # flag -> Settings field; only flags given on the command line override the environment.
 FLAG_FIELDS = {"host": "host", "port": "port", "model": "model", "var": "var_checkpoint", "vae": "vae_checkpoint",
@@ -144,12 +148,31 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._exit_deadline: threading.Timer | None = None
         # Called on the event loop by the app on a fatal state or a failed start-up: shut down, no drain
         # (there is no worker left to finish the queue); run() then returns the service's exit code.
         app.state.request_exit = self._exit_now
 
     def _exit_now(self) -> None:
         self.should_exit = True
+        if self._exit_deadline is None:  # the shutdown must not wait forever on a thread stuck in a device call
+            from server.worker import WORKER_JOIN_S
+
+            self._exit_deadline = threading.Timer(WORKER_JOIN_S + EXIT_MARGIN_S, self._force_exit)
+            self._exit_deadline.daemon = True
+            self._exit_deadline.start()
+
+    def _force_exit(self) -> None:
+        """The shutdown outlived the worker join: flush the logs and end the process with the service's code."""
+        service = getattr(self._app.state, "service", None)
+        code = (service.exit_code if service is not None else 0) or FATAL_EXIT
+        logger.critical("shutdown has not ended %.0f s after the exit was requested (the inference thread is stuck); "
+                        "exiting now with status %d", self._exit_deadline.interval, code)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
