@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def test_the_gpu_overlay_tolerates_the_gpu_taint(rendered):
 def test_the_cpu_overlay_drops_the_gpu_and_the_checkpoints(rendered):
     deployment = one(rendered["cpu"], "Deployment")
     assert "nvidia.com/gpu" not in json.dumps(deployment)
-    assert "volumes" not in deployment["spec"]["template"]["spec"]
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert "persistentVolumeClaim" not in json.dumps(volumes) and {v["name"] for v in volumes} == {"tmp", "cache"}
+    assert {m["name"] for m in container(deployment)["volumeMounts"]} == {"tmp", "cache"}
     variables = env(deployment)
     assert variables["AMSKV_DEVICE"] == "cpu" and "AMSKV_VAR_CHECKPOINT" not in variables
 
@@ -132,15 +135,30 @@ def test_probes_and_the_grace_period_outlast_the_drain(rendered, name):
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert api["livenessProbe"]["httpGet"]["path"] == "/livez"
     startup = api["startupProbe"]
-    assert startup["httpGet"]["path"] == "/livez"
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model load on a GPU takes minutes"
+    # /livez is 200 while the model loads: a startup probe on it passes at once and catches no hung load.
+    assert startup["httpGet"]["path"] == "/readyz" != api["livenessProbe"]["httpGet"]["path"]
+    startup_s = startup["periodSeconds"] * startup["failureThreshold"]
+    assert startup_s >= 300, "model load on a GPU takes minutes"
+    # the process ends a load past AMSKV_LOAD_TIMEOUT_S itself (status 3, with the reason) before the kubelet does
+    assert float(env(deployment)["AMSKV_LOAD_TIMEOUT_S"]) < startup_s
     pre_stop = api["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     drain = float(env(deployment)["AMSKV_DRAIN_TIMEOUT_S"])
     # preStop, the drain, uvicorn's graceful shutdown (bounded by the drain timeout again), the worker join.
     needed = float(pre_stop[1]) + 2 * drain + WORKER_JOIN_S
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > needed
-    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_rollout_pdb_and_replica_minimum_agree(rendered, name):
+    # One GPU per pod: a surge pod needs a spare GPU, so an old pod goes first (maxSurge 0, maxUnavailable 1).
+    # The PDB allows one pod down too; a minimum of 2 replicas keeps one serving through either.
+    objects = rendered[name]
+    rolling = one(objects, "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1)
+    pdb = one(objects, "PodDisruptionBudget")["spec"]
+    minimum = one(objects, "ScaledObject")["spec"]["minReplicaCount"]
+    assert pdb["maxUnavailable"] < minimum and rolling["maxUnavailable"] < minimum, (pdb, minimum)
 
 
 @pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
@@ -162,14 +180,16 @@ def test_service_pdb_and_scrape_annotations_select_the_pods(rendered, name):
 
 
 @pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
-def test_keda_scales_the_deployment_on_queued_images_per_replica(rendered, name):
+def test_keda_scales_the_deployment_on_the_deepest_replica_queue(rendered, name):
     objects = rendered[name]
     deployment = one(objects, "Deployment")
     scaled = one(objects, "ScaledObject")["spec"]
     assert scaled["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    assert 1 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]
+    assert 2 <= scaled["minReplicaCount"] < scaled["maxReplicaCount"]
     (trigger,) = scaled["triggers"]
-    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    # One replica full beside idle ones must scale out: the max, not the average (kube-proxy is not leastconn).
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "Value"
+    assert trigger["metadata"]["query"].replace(" ", "").startswith("max(")
     selectors = metric_selectors(trigger["metadata"]["query"])
     assert [metric for metric, _ in selectors] == ["amskv_queue_images"]
     assert "amskv_queue_images" in exported_series()
@@ -179,3 +199,120 @@ def test_keda_scales_the_deployment_on_queued_images_per_replica(rendered, name)
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert scale_down["stabilizationWindowSeconds"] >= grace
     assert scale_down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
+
+
+def test_keda_reads_the_prometheus_community_charts_service_and_an_overlay_can_point_it_elsewhere(rendered, tmp_path):
+    (trigger,) = one(rendered["gpu"], "ScaledObject")["spec"]["triggers"]
+    # prometheus-community/prometheus: Service prometheus-server, port 80 (9090 is the container port)
+    assert trigger["metadata"]["serverAddress"] == "http://prometheus-server.monitoring.svc:80"
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(KUSTOMIZATIONS["gpu"], overlay)],
+        "patches": [{"target": {"kind": "ScaledObject", "name": "amskv"}, "patch": yaml.safe_dump([
+            {"op": "replace", "path": "/spec/triggers/0/metadata/serverAddress",
+             "value": "http://prometheus-operated.monitoring.svc:9090"}])}]}))
+    result = subprocess.run([find_tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    scaled = one([d for d in yaml.safe_load_all(result.stdout) if d], "ScaledObject")
+    assert scaled["spec"]["triggers"][0]["metadata"]["serverAddress"] == "http://prometheus-operated.monitoring.svc:9090"
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_the_image_names_a_registry(rendered, name):
+    image = container(one(rendered[name], "Deployment"))["image"]
+    registry, _, rest = image.partition("/")
+    assert "." in registry and rest.endswith("amskv-api:0.1.0"), image  # a host, not Docker Hub's library
+
+
+# --- Pod Security Standards, "restricted" -----------------------------------------------------------------
+# The profile's rules (https://kubernetes.io/docs/concepts/security/pod-security-standards/, v1.31), checked on
+# the rendered pod template, plus a read-only root filesystem, which the issue asks for beyond the profile.
+
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What the Pod Security "restricted" level (and a read-only root) rejects in a pod spec; [] when it passes."""
+    found = []
+    pod_security = pod.get("securityContext", {})
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            found.append(f"{field}: true")
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            found.append(f"volume {volume['name']}: {sorted(kinds)}")
+    for sysctl in pod_security.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            found.append(f"sysctl {sysctl['name']}")
+    if pod_security.get("runAsUser") == 0:
+        found.append("pod runAsUser 0")
+    for box in pod.get("initContainers", []) + pod["containers"]:
+        where = f"container {box['name']}"
+        security = box.get("securityContext", {})
+        if security.get("privileged"):
+            found.append(f"{where}: privileged")
+        if security.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where}: allowPrivilegeEscalation is not false")
+        capabilities = security.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{where}: capabilities do not drop ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{where}: adds capabilities {capabilities['add']}")
+        if security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is not True:
+            found.append(f"{where}: runAsNonRoot is not true")
+        if security.get("runAsUser", pod_security.get("runAsUser")) == 0:
+            found.append(f"{where}: runAsUser 0")
+        seccomp = security.get("seccompProfile", pod_security.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{where}: seccompProfile {seccomp}")
+        if any(port.get("hostPort") for port in box.get("ports", [])):
+            found.append(f"{where}: hostPort")
+        if security.get("readOnlyRootFilesystem") is not True:
+            found.append(f"{where}: readOnlyRootFilesystem is not true")
+    return found
+
+
+def pod_spec(objects: list[dict]) -> dict:
+    return one(objects, "Deployment")["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_the_pods_meet_the_restricted_pod_security_profile(rendered, name):
+    pod = pod_spec(rendered[name])
+    assert restricted_violations(pod) == []
+    # The read-only root needs somewhere to write: /tmp and the KV profile cache are emptyDirs.
+    api = container(one(rendered[name], "Deployment"))
+    mounts = {m["mountPath"]: m["name"] for m in api["volumeMounts"]}
+    empty = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    assert mounts["/tmp"] in empty
+    assert env(one(rendered[name], "Deployment"))["AMSKV_KV_PROFILE_CACHE_DIR"].startswith(
+        next(path for path, volume in mounts.items() if volume == "cache") + "/")
+
+
+@pytest.mark.parametrize("breakage", ["seccomp", "root", "escalation", "capabilities", "writable_root", "host_path"])
+def test_the_restricted_check_rejects_what_the_profile_rejects(rendered, breakage):
+    pod = copy.deepcopy(pod_spec(rendered["gpu"]))
+    api = pod["containers"][0]
+    if breakage == "seccomp":
+        del pod["securityContext"]["seccompProfile"]
+    elif breakage == "root":
+        pod["securityContext"]["runAsNonRoot"] = False
+        del api["securityContext"]["runAsNonRoot"]
+    elif breakage == "escalation":
+        del api["securityContext"]["allowPrivilegeEscalation"]
+    elif breakage == "capabilities":
+        api["securityContext"]["capabilities"] = {"drop": ["NET_RAW"]}
+    elif breakage == "writable_root":
+        api["securityContext"]["readOnlyRootFilesystem"] = False
+    else:
+        pod["volumes"].append({"name": "host", "hostPath": {"path": "/var/run"}})
+    assert restricted_violations(pod), breakage
