@@ -25,6 +25,8 @@ is what is shipped. The choices, and why:
   set in `defaults`: in the backend alone, HAProxy 2.6 did not pass the close on (measured).
 - `timeout http-request`, `timeout client`, `timeout http-keep-alive`: slow, idle and half-open clients are
   closed at the edge (uvicorn itself has no header timeout).
+- `http-request deny ... /_test/`: the test-only fault injection endpoints (AMSKV_FAULT_INJECTION) answer 404 at
+  the edge, whatever a replica's settings.
 - `--metrics-bind` (compose: `:8404`): HAProxy's built-in Prometheus exporter at /metrics on its own port, so
   the 5xx, 504s and aborts that clients see at the edge are scraped (the replicas only see their own side).
 """
@@ -87,6 +89,8 @@ def render(servers: list[tuple[str, str]], *, bind: str, docker_dns: bool = Fals
         "frontend amskv",
         f"    bind {bind}",
         "    option http-buffer-request",
+        "    # test-only fault injection (AMSKV_FAULT_INJECTION) is never reachable through the balancer",
+        "    http-request deny deny_status 404 if { path_beg /_test/ }",
         "    default_backend replicas",
         "",
     ]

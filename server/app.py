@@ -96,6 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     add_playground(app)
     if settings.fault_injection:
+        logger.warning("AMSKV_FAULT_INJECTION is on: POST /_test/faults, without authentication, can fail, stall or "
+                       "kill this replica's inference worker. Test use only; never in production (the balancer "
+                       "config denies /_test/, a replica reached directly does not)")
         app.include_router(faults.router)
 
     return app

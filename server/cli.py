@@ -23,7 +23,7 @@ from pydantic_settings import SettingsError
 from amskv.commands.common import DefaultsHelpFormatter
 from amskv.config import BUNDLED_MODELS
 from server.protocol import make_protocol_class
-from server.settings import Settings, describe_validation_error
+from server.settings import Settings, describe_validation_error, unknown_variables
 
 HELP = "run the HTTP inference server (uvicorn, one worker process)"
 
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for line in unknown_variables(os.environ):  # a warning, not a failure: the rest of the settings are valid
+        logger.warning(line)
     import torch
 
     from amskv.kvcache.manager import cuda_available

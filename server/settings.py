@@ -4,7 +4,9 @@ The library (`amskv/`) never reads the environment; everything it needs is passe
 """
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -130,6 +132,25 @@ class Settings(BaseSettings):
     @property
     def cpu_kv_budget_bytes(self) -> int:
         return int(self.kv_budget_gib * GIB)
+
+
+# AMSKV_* variables that tools and tests read, not the server: never reported as unknown.
+OTHER_VARIABLES = frozenset({"AMSKV_ALERT_WEBHOOK_URL", "AMSKV_TOOLS_DIR", "AMSKV_TEST_THREADS", "AMSKV_UPDATE_DOCS"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per AMSKV_* variable that no setting reads, naming the closest setting: pydantic-settings ignores
+    them (extra="ignore"), so a typo such as AMSKV_MAX_QUEUE_IMAGE=5 would otherwise change nothing, silently."""
+    known = sorted(f"AMSKV_{name.upper()}" for name in Settings.model_fields)
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith("AMSKV_") and upper not in known and upper not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(upper.removeprefix("AMSKV_"), [k.removeprefix("AMSKV_") for k in known],
+                                              n=1, cutoff=0.7)  # without the shared prefix, which matches anything
+            hint = f"; did you mean AMSKV_{close[0]}?" if close else ""
+            lines.append(f"unknown setting {name} is ignored{hint}")
+    return lines
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -333,3 +333,21 @@ def test_queue_full_is_refused_once_per_client_request_not_once_per_balancer_ret
     assert seen > 0, f"the load never filled the queues: {summary}"
     assert counted == seen, f"replicas counted {counted} queue_full refusals, clients saw {seen}"
     assert all(r["retries"] == "0" for r in requests if r["status"] == "503"), requests
+
+
+# --- test-only endpoints stay behind the balancer ----------------------------------------------------------
+
+def test_fault_injection_cannot_be_reached_through_the_balancer(tmp_path):
+    replica = Server(tmp_path, {**REPLICA_ENV, "AMSKV_FAULT_INJECTION": "1"})
+    balancer = behind(tmp_path, [replica])
+    try:
+        through = httpx.post(f"{balancer.base}/_test/faults", json={"kill_worker": True}, timeout=10)
+        direct = httpx.post(f"{replica.base}/_test/faults", json={}, timeout=10)  # enabled on the replica itself
+        alive = httpx.get(f"{replica.base}/readyz", timeout=10).status_code
+    finally:
+        balancer.stop()
+        replica.stop()
+    assert through.status_code == 404 and direct.status_code == 200
+    assert alive == 200  # the kill never reached the replica
+    log = replica.log.read_text(errors="replace")
+    assert "AMSKV_FAULT_INJECTION is on" in log and "WARNING" in log.split("AMSKV_FAULT_INJECTION is on")[0][-200:]
