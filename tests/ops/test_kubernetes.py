@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -316,3 +317,16 @@ def test_the_restricted_check_rejects_what_the_profile_rejects(rendered, breakag
     else:
         pod["volumes"].append({"name": "host", "hostPath": {"path": "/var/run"}})
     assert restricted_violations(pod), breakage
+
+
+def test_the_scale_out_page_quotes_the_manifests_drain_and_grace(rendered):
+    # docs/scale-out.md once said a 30 s drain and a 90 s grace while the manifests said 60 s and 150 s.
+    deployment = one(rendered["gpu"], "Deployment")
+    page = (REPO / "docs/scale-out.md").read_text()
+    drains = set(re.findall(r"`AMSKV_DRAIN_TIMEOUT_S` \((\d+) s\)", page))
+    graces = set(re.findall(r"`terminationGracePeriodSeconds: (\d+)`", page))
+    assert drains == {env(deployment)["AMSKV_DRAIN_TIMEOUT_S"]}, drains
+    assert graces == {str(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])}, graces
+    scaled = one(rendered["gpu"], "ScaledObject")["spec"]
+    assert f"`minReplicaCount: {scaled['minReplicaCount']}`" in page
+    assert scaled["triggers"][0]["metadata"]["query"] in page
