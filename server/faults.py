@@ -10,7 +10,8 @@ faults is one engine step (one scale for every running image):
 - ``batch_delay_ms``: every step sleeps this long first (a slow device); setting it to 0 ends a sleep early;
 - ``kill_worker``: the next step, or the next wait for work, ends the inference thread (``WorkerKilled``);
 - ``hold_until_queued_images``: no request is admitted until that many images are queued (bounded by
-  ``hold_timeout_ms``), so that requests sent one by one still start together.
+  ``hold_timeout_ms``), so that requests sent one by one still start together;
+- ``AMSKV_FAULT_LOAD_DELAY_S`` (a setting): the engine loads that much later (a slow start-up).
 """
 from __future__ import annotations
 
@@ -108,6 +109,15 @@ class FaultyEngine:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
+
+
+def delayed_load(load_engine: Callable[[], Any], plan: FaultPlan, delay_s: float) -> Callable[[], Any]:
+    """The engine loader, ``delay_s`` slower (``AMSKV_FAULT_LOAD_DELAY_S``: a slow start-up); stopping ends it."""
+    def load() -> Any:
+        if delay_s and plan._stopped.wait(delay_s):
+            raise RuntimeError("stopped before the engine loaded")
+        return load_engine()
+    return load
 
 
 def held(take_batch: Callable[..., Any], plan: FaultPlan) -> Callable[..., Any]:

@@ -24,7 +24,7 @@ from amskv.scheduler import ImageSpec, Scheduler, StepOutcome
 from server import metrics
 from server.batcher import Batcher
 from server.errors import JobFailed, OutOfMemory, Unavailable
-from server.faults import FaultPlan, FaultyEngine, held
+from server.faults import FaultPlan, FaultyEngine, delayed_load, held
 from server.jobs import Job
 from server.settings import Settings
 
@@ -72,9 +72,11 @@ class InferenceWorker:
         self.settings = settings
         self.batcher = batcher
         self.faults = faults
-        self._load_engine = load_engine
         self._dtype = dtype
         self._warmup_params = warmup_params
+        # Fault injection is installed here, once, as wrappers (server/faults.py); the loop has one code path.
+        self._load_engine = load_engine if faults is None else delayed_load(load_engine, faults,
+                                                                             settings.fault_load_delay_s)
         self._take = batcher.take_batch if faults is None else held(batcher.take_batch, faults)
         self._thread = threading.Thread(target=self._main, name="amskv-inference", daemon=True)
         self._started = threading.Event()
@@ -123,10 +125,6 @@ class InferenceWorker:
     # --- the thread -----------------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            if self.settings.fault_injection and self.settings.fault_load_delay_s:
-                self._stop.wait(self.settings.fault_load_delay_s)  # fault injection: a slow start-up
-                if self._stop.is_set():
-                    raise RuntimeError("stopped before the engine loaded")
             engine = self._load_engine()
             self._warm_up(engine)
         except BaseException as exc:  # reported to the lifespan, which stops start-up
