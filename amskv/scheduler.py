@@ -129,7 +129,7 @@ class Scheduler:
 
     def step(self) -> StepOutcome:
         """Run one scale for the running images (all of them, or the oldest that the OOM cap allows)."""
-        chosen = self._choose(max(1, self.manager.cap))
+        chosen = self._choose(max(1, self.manager.cap), self.manager.step_token_cap())
         outcome = StepOutcome(admitted=self._admitted, cancelled=self._cancelled)
         self._admitted = self._cancelled = 0
         if not chosen:
@@ -174,18 +174,25 @@ class Scheduler:
         return self.engine.start_cohort(self.manager.pool, slot, [s.label for s in specs], [s.seed for s in specs],
                                         [s.params for s in specs], specs, [s.previews for s in specs], order)
 
-    def _choose(self, cap: int) -> list[Cohort]:
-        """The oldest cohorts up to ``cap`` images; a cohort larger than what is left is split to fit."""
-        chosen, left = [], cap
+    def _choose(self, cap: int, token_cap: int | None = None) -> list[Cohort]:
+        """The oldest cohorts up to ``cap`` images and ``token_cap`` sequence tokens (the step's activations;
+        None: unbounded); a cohort larger than what is left is split to fit. The oldest always runs."""
+        chosen, left, tokens_left = [], cap, token_cap
         for c in sorted(self.cohorts, key=lambda c: c.order):
-            if left == 0:
+            per_image = 2 * self.engine.config.scale_tokens[c.scale]
+            fits = min(left, c.n if tokens_left is None else tokens_left // per_image)
+            if not chosen:
+                fits = max(fits, 1)  # progress: the oldest image runs even past the token budget
+            if fits <= 0:
                 break
-            if c.n > left:
-                head, tail = c.split(0, left), c.split(left, c.n - left)
+            if c.n > fits:
+                head, tail = c.split(0, fits), c.split(fits, c.n - fits)
                 self.cohorts[self.cohorts.index(c):self.cohorts.index(c) + 1] = [head, tail]
                 c = head
             chosen.append(c)
             left -= c.n
+            if tokens_left is not None:
+                tokens_left -= c.n * per_image
         return chosen
 
     def _retire(self, cohort: Cohort) -> None:

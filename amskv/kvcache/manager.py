@@ -59,6 +59,7 @@ class KVCacheManager:
         self.max_batch, self.cpu_budget_bytes = max_batch, cpu_budget_bytes
         self.gpu_mem_fraction, self.recover_after = gpu_mem_fraction, recover_after
         self.bytes_per_image = engine.kv_bytes_per_image()
+        self.peak_step_tokens = 2 * engine.config.scale_tokens[-1]  # one image's largest step: its last scale
         self.activation_reserve = 0
         self.activation_per_image = 0
         self.pool = None
@@ -134,6 +135,17 @@ class KVCacheManager:
             used = self.pool_images - free
             free = min(free, max(0, self._free_budget() // self.activation_per_image - used))
         return free
+
+    def step_token_cap(self) -> int | None:
+        """The most sequence tokens one step may run (its activations), None when unbounded (the CPU).
+
+        On CUDA the per-image activation peak measured at warm-up is one image's largest step (its last scale,
+        both CFG rows), so a token of any step is priced at that peak over those tokens, and today's free
+        memory (less the pool, which is allocated) buys that many tokens."""
+        if not (self.on_cuda and self.activation_per_image):
+            return None
+        per_token = max(1, self.activation_per_image // self.peak_step_tokens)
+        return max(self.peak_step_tokens, self._free_budget() // per_token)
 
     def allocate(self, images: int) -> list[tuple[int, int]]:
         """Up to ``images`` free slots as (first slot, count) runs, first fit; [] when none is free."""

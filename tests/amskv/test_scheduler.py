@@ -188,3 +188,24 @@ def test_slot_allocation_is_first_fit_and_release_merges(demo):
     with pytest.raises(ValueError, match="twice"):
         manager.release(0, 1)
         manager.release(0, 1)
+
+
+def test_a_step_runs_at_most_the_token_budget_oldest_first(demo):
+    manager = KVCacheManager(demo, max_batch=8)
+    manager.warm_up(SamplingParams())
+    last = 2 * demo.config.scale_tokens[-1]
+    manager.step_token_cap = lambda: 3 * last  # as if the device held three images at their last scale
+    scheduler = Scheduler(demo, manager)
+    batch = specs(8, seed0=5)
+    scheduler.admit(batch[:5])
+    images, tokens = {}, []
+    for step in range(60):
+        if step == 3:
+            scheduler.admit(batch[5:])
+        if not scheduler.cohorts:
+            break
+        outcome = scheduler.step()
+        tokens.append(outcome.tokens)
+        images.update({s.tag: im for s, im in outcome.images})
+    assert max(tokens) <= 3 * last and sorted(images) == list(range(8))
+    assert all(torch.equal(images[s.tag], alone(demo, s)) for s in batch)
