@@ -218,7 +218,8 @@ def test_keda_reads_the_prometheus_community_charts_service_and_an_overlay_can_p
                             timeout=120)
     assert result.returncode == 0, result.stderr
     scaled = one([d for d in yaml.safe_load_all(result.stdout) if d], "ScaledObject")
-    assert scaled["spec"]["triggers"][0]["metadata"]["serverAddress"] == "http://prometheus-operated.monitoring.svc:9090"
+    address = scaled["spec"]["triggers"][0]["metadata"]["serverAddress"]
+    assert address == "http://prometheus-operated.monitoring.svc:9090"
 
 
 @pytest.mark.parametrize("name", list(KUSTOMIZATIONS))

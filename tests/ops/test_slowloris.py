@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.ops.test_configs import COMPOSE, COMPOSE_CPU, resolved
 from tests.server.test_api import free_port

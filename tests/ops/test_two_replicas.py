@@ -37,7 +37,8 @@ class TwoReplicas:
         self.log_dir = tmp_path / "replicas"
         self.out = tmp_path / "two-replicas.out"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AMSKV_")}
-        env.update(REPLICA_ENV, AMSKV_DRAIN_NOTICE_S="3", AMSKV_TORCH_THREADS="1", OMP_NUM_THREADS="1", PYTHON=sys.executable,
+        env.update(REPLICA_ENV, AMSKV_DRAIN_NOTICE_S="3", AMSKV_TORCH_THREADS="1", OMP_NUM_THREADS="1",
+                   PYTHON=sys.executable,
                    BALANCER_PORT=str(self.balancer_port), REPLICA_PORTS=" ".join(map(str, self.replica_ports)),
                    LOG_DIR=str(self.log_dir), PATH=f"{Path(haproxy()).parent}:{env.get('PATH', '')}")
         with self.out.open("wb") as out:
@@ -87,7 +88,7 @@ def test_sigterm_to_one_replica_under_load_loses_no_request_and_the_rest_stays_u
     stopped_status = None
     try:
         stack.wait_all_up()
-        victim, survivor = stack.pid("replica api-0"), stack.pid("replica api-1")
+        victim, survivor, balancer = (stack.pid(name) for name in ("replica api-0", "replica api-1", "balancer"))
         victim_url = f"http://127.0.0.1:{stack.replica_ports[0]}"
         running = start_loadgen(stack.base, "--requests", str(LOAD_REQUESTS), "--concurrency",
                                 str(LOAD_CONCURRENCY), "--timeout", "60", "--max-time", "120")
@@ -102,7 +103,7 @@ def test_sigterm_to_one_replica_under_load_loses_no_request_and_the_rest_stays_u
             time.sleep(0.2)
         assert not alive(victim), "the SIGTERM'd replica did not exit"
         time.sleep(1)  # the script has seen the exit; it must not have stopped the others
-        still_up = {"script": stack.process.poll() is None, "survivor": alive(survivor)}
+        still_up = {"script": stack.process.poll() is None, "survivor": alive(survivor), "balancer": alive(balancer)}
         try:  # the balancer answers, and reaches the survivor
             after = httpx.get(f"{stack.base}/readyz", timeout=5).status_code
         except httpx.HTTPError as exc:
