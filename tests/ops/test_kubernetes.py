@@ -331,3 +331,9 @@ def test_the_scale_out_page_quotes_the_manifests_drain_and_grace(rendered):
     scaled = one(rendered["gpu"], "ScaledObject")["spec"]
     assert f"`minReplicaCount: {scaled['minReplicaCount']}`" in page
     assert scaled["triggers"][0]["metadata"]["query"] in page
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_the_namespace_enforces_the_restricted_profile(rendered, name):
+    labels = one(rendered[name], "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
