@@ -83,9 +83,6 @@ class Scheduler:
     def running_images(self) -> int:
         return sum(c.n for c in self.cohorts)
 
-    def running_tags(self) -> list[Any]:
-        return [spec.tag for c in self.cohorts for spec in c.tags]
-
     def room(self) -> int:
         """Images that may be admitted now: free KV slots; 0 in static mode while a batch runs."""
         if self.mode == "static" and self.cohorts:
@@ -119,7 +116,7 @@ class Scheduler:
             for i in range(c.n + 1):  # keep each run of surviving images as a cohort of its own
                 if i == c.n or gone[i]:
                     if i > start:
-                        kept.append(c if (start, i) == (0, c.n) else c.split(start, i - start))
+                        kept.append(c.split(start, i - start))
                     if i < c.n:
                         self.manager.release(c.slot + i, 1)
                     start = i + 1
@@ -128,7 +125,8 @@ class Scheduler:
         return dropped
 
     def step(self) -> StepOutcome:
-        """Run one scale for the running images (all of them, or the oldest that the OOM cap allows)."""
+        """Run one scale for the running images: all of them, or the oldest that the OOM cap and the step's
+        token budget allow."""
         chosen = self._choose(max(1, self.manager.cap), self.manager.step_token_cap())
         outcome = StepOutcome(admitted=self._admitted, cancelled=self._cancelled)
         self._admitted = self._cancelled = 0
