@@ -86,6 +86,10 @@ def test_a_replica_as_the_container_starts_it_closes_300_half_sent_requests_and_
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ)
             answers[sock] = b""
+        silent = socket.create_connection(("127.0.0.1", replica.port), timeout=5)  # connects, sends nothing
+        silent.setblocking(False)
+        selector.register(silent, selectors.EVENT_READ)
+        answers[silent] = b""
         open_sockets = set(answers)
         next_probe = 0.0
         while open_sockets and time.monotonic() - began < CLOSE_BOUND_S:
@@ -110,6 +114,7 @@ def test_a_replica_as_the_container_starts_it_closes_300_half_sent_requests_and_
             sock.close()
         replica.stop()
     assert not open_sockets, f"{len(open_sockets)} of {HALF_SENT} half-sent requests still open after {CLOSE_BOUND_S} s"
+    assert answers.pop(silent) == b"", "a connection that sent nothing is closed without an answer"
     assert all(a.startswith(b"HTTP/1.1 408") for a in answers.values()), {a[:40] for a in answers.values()}
     assert livez and set(livez) == {200}, livez
     print(f"{HALF_SENT} half-sent requests closed with 408 within {closed_in_s:.1f} s; /livez 200 x {len(livez)}")
