@@ -5,6 +5,7 @@ a batch. There is no Python loop over images or tokens inside the scale loop.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ import torch
 
 from amskv.kvcache.policy import KVPolicy
 from amskv.kvcache.storage import KVCache, KVPool
-from amskv.memory import plan_kv
+from amskv.memory import KVPlan, plan_kv
 from amskv.model.invariant import invariant_linear
 from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
@@ -40,10 +41,17 @@ def allocate_cache(var: VAR, policy: KVPolicy, batch: int, dtype: torch.dtype, d
 
     ``row_offset``/``growth``: a scheduler's cohort on its pool slots, never allocating (``KVCache``)."""
     cfg = var.config
-    plan = plan_kv(policy, cfg.patch_nums, cfg.depth)  # the profile's plan, or the worst case when layers decide online
+    plan = policy_plan(policy, cfg.patch_nums, cfg.depth)  # the profile's plan, or the worst case when layers decide online
     return KVCache(policy, cfg.patch_nums, rows=2 * batch, heads=cfg.num_heads, head_dim=cfg.head_dim,
                    capacities=list(plan.capacities), workspace_tokens=plan.workspace_tokens,
                    dtype=dtype, device=device, observer=observer, pool=pool, row_offset=row_offset, growth=growth)
+
+
+@functools.lru_cache(maxsize=32)
+def policy_plan(policy: KVPolicy, patch_nums: tuple[int, ...], depth: int) -> KVPlan:
+    """``plan_kv`` of a policy object, computed once: the scheduler starts a cache per admission, and a policy's
+    own plan never changes (policies are immutable once made; the key is the object itself)."""
+    return plan_kv(policy, patch_nums, depth)
 
 
 def plan_pool(var: VAR, policy: KVPolicy, images: int, dtype: torch.dtype, device) -> KVPool:

@@ -14,6 +14,7 @@ and equal to ``amskv.generate.generate_tokens`` on the same label, seed and para
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +88,6 @@ def new_cohort(var: VAR, policy: KVPolicy, pool: KVPool, slot: int, labels: torc
 @torch.no_grad()
 def run_step(var: VAR, vae: VQVAE, cohorts: list[Cohort], decode_chunk: int = 8) -> StepResult:
     """Advance every cohort by one scale; cohorts that finish their last scale are decoded."""
-    import time
-
     began = time.perf_counter()
     cfg, quant = var.config, vae.quantize
     S, C, V = cfg.num_scales, cfg.embed_dim, cfg.vocab_size
