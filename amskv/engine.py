@@ -53,8 +53,8 @@ def bundled_checkpoints(model: str = DEFAULT_MODEL) -> tuple[Path, Path]:
     missing = [path.name for path in (var, vae) if not path.is_file()]
     if missing and model == DEFAULT_MODEL:
         raise CheckpointError(f"the bundled demo model is missing from {root}; reinstall amskv or pass --var/--vae")
-    if missing:  # mnist64 trains across sessions; until its VAR reaches its target no weights ship
-        raise CheckpointError(f"the bundled model {model} has no trained weights yet ({' and '.join(missing)} "
+    if missing:  # a bundled model's weights removed from an installed package
+        raise CheckpointError(f"the bundled model {model} is missing its weights ({' and '.join(missing)} "
                               f"missing from {root}; see docs/demo-model.md); use --model demo or pass --var/--vae")
     return var, vae
 

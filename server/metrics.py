@@ -43,7 +43,7 @@ TIMEOUT_STAGES = ("queued", "running")
 FAILURE_REASONS = ("error", "oom")
 BATCH_STAGES = ("ar", "decode")
 
-# Bucket choices (serving-notes 7.2): an image request takes from ~0.05 s (the CPU demo model, one image)
+# Bucket choices: an image request takes from ~0.05 s (the CPU demo model, one image)
 # to minutes (a d30 batch of 256 behind a full queue); the library default stops at 10 s. Queue waits
 # reach the 120 s request timeout; a stage of one batch spans a CPU demo decode (ms) to a d30 batch (~35 s+).
 REQUEST_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from amskv.kvcache.policy import DEFAULT_POLICY
 
 GIB = 2**30
-# Hard ceiling on images in one engine call, whatever the memory would allow (serving-notes §7.1).
+# Hard ceiling on images in one engine call, whatever the memory would allow (the released models' largest batch, 256).
 MAX_BATCH_CEILING = 256
 
 

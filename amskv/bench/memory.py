@@ -33,7 +33,7 @@ POLICIES: tuple[tuple[str, str, dict], ...] = (
 DTYPE_NAMES = ("bf16", "fp16")
 BUDGETS_GIB = (40, 60, 80)
 PROBE_BATCHES = (64, 128, 256)
-# Parameter counts from var-reference.md 1.2 (verified against the released checkpoints) and the VQVAE.
+# Parameter counts of the released VAR checkpoints (verified against them) and the VQVAE.
 VAR_PARAMS = {"d16": 310_283_520, "d20": 600_917_136, "d24": 1_033_399_360, "d30": 2_010_020_356,
               "d36": 2_353_893_904}
 VQVAE_PARAMS = 109_000_000

@@ -90,7 +90,7 @@ def load_tokens(path: str | Path) -> TokenSet:
 
 
 def build_var(cfg: VARConfig, train_cfg: VARTrainConfig) -> VAR:
-    """VAR with the reference initialisation (var-reference 4.7): blocks start close to identity."""
+    """VAR with the reference initialisation (the original VAR code's init_weights): blocks start close to identity."""
     torch.manual_seed(train_cfg.seed)
     model = VAR(cfg)
     C, std = cfg.embed_dim, math.sqrt(1 / cfg.embed_dim / 3)

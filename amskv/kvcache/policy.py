@@ -106,7 +106,7 @@ class SinkWindowPolicy(KVPolicy):
 
 
 class AMSKVPolicy(KVPolicy):
-    """AMS-KV (amskv-method.md §3.2 and §7).
+    """AMS-KV (the AMS-KV paper, AAAI 2026; docs/kv-cache.md §1).
 
     - the first ``c_cds`` scales are condensed and locked;
     - each layer starts with a budget of ``c_min`` tokens;
@@ -114,7 +114,7 @@ class AMSKVPolicy(KVPolicy):
       (``demanding`` replaces that online test with per-layer flags from a calibration profile);
     - otherwise the oldest unlocked scale is evicted (CLRU);
     - a scale with more than ``c_max`` tokens is not cached, nor is the last scale;
-    - the scale just inserted is never evicted unless ``evict_newest`` (amskv-method.md §8.2).
+    - the scale just inserted is never evicted unless ``evict_newest`` (a variant the paper discusses; docs/kv-cache.md §1).
 
     ``planned`` (online only) are a calibration profile's flags: the allocation is planned for them, and an
     online expansion of a layer the profile did not flag is an exception the storage allocates on the spot

@@ -157,7 +157,7 @@ def test_a_missing_bundled_file_is_one_line_that_names_it(tmp_path, monkeypatch,
     monkeypatch.setattr(amskv.engine, "_weights_dir", lambda: tmp_path)
     assert cli_main(["generate", "--classes", "3", "--out", str(tmp_path / "out"), "--model", "mnist64"]) == 2
     err = capsys.readouterr().err
-    assert "mnist64 has no trained weights yet" in err and "mnist64_var.pth" in err
+    assert "mnist64 is missing its weights" in err and "mnist64_var.pth" in err
     assert len(err.strip().splitlines()) == 1
 
 
