@@ -41,8 +41,9 @@ class RequestMetrics:
         finally:
             path = scope.get("path", "")
             if path in GENERATE_PATHS and scope.get("method") == "POST":
-                metrics.REQUESTS.labels(endpoint=path, status=str(status["code"])).inc()
-                if 200 <= status["code"] < 300:  # answered with images; fast rejections would hide the latency
+                code = scope.get("amskv.outcome_status", status["code"])  # a stream's end (server/streaming.py)
+                metrics.REQUESTS.labels(endpoint=path, status=str(code)).inc()
+                if 200 <= code < 300:  # answered with images; fast rejections would hide the latency
                     metrics.REQUEST_DURATION.labels(endpoint=path).observe(time.perf_counter() - began)
 
 

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from server.batcher import Batcher
 from server.errors import ApiError, envelope
-from server.generation import expire, seconds_left
+from server.generation import CLIENT_CLOSED_REQUEST, expire, seconds_left
 from server.jobs import Job, JobResult
 
 logger = logging.getLogger(__name__)
@@ -93,13 +93,29 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def error_event(exc: BaseException) -> bytes:
-    """The same envelope a non-streamed request gets, as an ``error`` event."""
+# The status a streamed request ended with, for the request metrics (server/middleware.py): the response
+# started as 200, but a stream that then fails or whose client leaves is not a success.
+OUTCOME_KEY = "amskv.outcome_status"
+
+
+def error_event(exc: BaseException, scope: dict) -> bytes:
+    """The same envelope a non-streamed request gets, as an ``error`` event; its status is the request's outcome."""
     if not isinstance(exc, ApiError):
         logger.error("stream failed", exc_info=exc)
         exc = ApiError("internal server error")
+    scope[OUTCOME_KEY] = exc.status
     return sse("error", envelope(exc.message, exc.type, exc.code, exc.param))
 
 
-def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+def event_stream(events: AsyncIterator[bytes], scope: dict) -> StreamingResponse:
+    """The SSE response; a stream its client leaves before the end is counted as 499, not 200."""
+    async def tracked() -> AsyncIterator[bytes]:
+        ended = False
+        try:
+            async for chunk in events:
+                yield chunk
+            ended = True
+        finally:
+            if not ended:
+                scope.setdefault(OUTCOME_KEY, CLIENT_CLOSED_REQUEST)
+    return StreamingResponse(tracked(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -41,7 +41,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
         raise InvalidRequest(f"response_format 'png' returns one image, but {job.num_images} were requested; "
                              "use b64_json or zip", param="response_format")
     if body.stream:
-        return await _stream(service, job, body)
+        return await _stream(service, job, request)
     service.batcher.submit(job)
     result = await await_job(service.batcher, job, request)
     if result is None:
@@ -58,7 +58,7 @@ for _path in PATHS:
                          include_in_schema=_path == "/v1/generate")
 
 
-async def _stream(service: Service, job: Job, body: GenerateRequest) -> Response:
+async def _stream(service: Service, job: Job, request: Request) -> Response:
     """Submit the job and answer text/event-stream: preview events per scale, image events, then done.
 
     Refusals before the job is queued (queue full, draining) are ordinary HTTP errors; once streaming,
@@ -84,6 +84,6 @@ async def _stream(service: Service, job: Job, body: GenerateRequest) -> Response
                 yield sse("done", {"id": job.id, "created": int(time.time()), "model": info.model_name,
                                    "usage": usage(job, event)})
         except Exception as exc:  # the stream has started: an error travels as an event (ApiError's envelope)
-            yield error_event(exc)
+            yield error_event(exc, request.scope)
 
-    return event_stream(events())
+    return event_stream(events(), request.scope)

@@ -46,7 +46,7 @@ async def images_generations(body: ImagesGenerationRequest, request: Request, se
     except InvalidRequest as exc:
         raise as_bad_request(exc) from None
     if body.stream:
-        return _stream(service, job, body)
+        return _stream(service, job, body, request)
     service.batcher.submit(job)
     result = await await_job(service.batcher, job, request)
     if result is None:
@@ -85,7 +85,7 @@ def _job(service: Service, request: Request, body: ImagesGenerationRequest) -> J
     return new_job(service, request, labels, body, preview_scales=partial_scales(len(info.scales), body.partial_images))
 
 
-def _stream(service: Service, job: Job, body: ImagesGenerationRequest) -> Response:
+def _stream(service: Service, job: Job, body: ImagesGenerationRequest, request: Request) -> Response:
     info = service.worker.info
     channel = attach_channel(job)
     service.batcher.submit(job)
@@ -114,6 +114,6 @@ def _stream(service: Service, job: Job, body: ImagesGenerationRequest) -> Respon
                         "index": index, "revised_prompt": service.catalog.name_of(job.labels[index]),
                         "seed": job.seeds[index], "usage": used, **shape})
         except Exception as exc:  # the stream has started: an error travels as an event (the same envelope)
-            yield error_event(exc)
+            yield error_event(exc, request.scope)
 
-    return event_stream(events())
+    return event_stream(events(), request.scope)

@@ -80,7 +80,12 @@ def test_streamed_and_plain_requests_share_a_batch_and_only_streamed_rows_previe
     assert [i["b64_json"] for i in images] == [i["b64_json"] for i in alone]
 
 
+def counted(server, status: int) -> float:
+    return server.metric(f'amskv_requests_total{{endpoint="/v1/generate",status="{status}"}}')
+
+
 def test_an_error_mid_stream_is_an_error_event_with_the_usual_envelope(server):
+    ok, failed = counted(server, 200), counted(server, 500)
     server.set_faults(fail_batches=1)
     response = stream(server.base, {"class_labels": [4]})
     assert response.status_code == 200  # the stream had started
@@ -89,6 +94,9 @@ def test_an_error_mid_stream_is_an_error_event_with_the_usual_envelope(server):
     assert events[-1][1] == {"error": {"message": "image generation failed; the server log has details",
                                        "type": "server_error", "code": "generation_failed", "param": None}}
     assert "image" not in [kind for kind, _ in events]
+    # counted by how it ended, not by the 200 the stream started with
+    server.wait_for(lambda: counted(server, 500) == failed + 1, 10, "the failed stream counted as 500")
+    assert counted(server, 200) == ok
 
 
 def test_a_refused_stream_is_a_plain_http_error_and_bad_formats_are_422(server):
@@ -101,6 +109,7 @@ def test_a_refused_stream_is_a_plain_http_error_and_bad_formats_are_422(server):
 def test_a_client_that_leaves_mid_stream_cancels_its_images(server):
     server.set_faults(batch_delay_ms=120_000)  # the batch sleeps until the test ends the delay
     cancelled = server.metric('amskv_requests_cancelled_total')
+    ok, left = counted(server, 200), counted(server, 499)
     try:
         with httpx.Client(timeout=60) as client:
             with client.stream("POST", f"{server.base}/v1/generate",
@@ -108,6 +117,8 @@ def test_a_client_that_leaves_mid_stream_cancels_its_images(server):
                 assert response.status_code == 200
                 server.wait_for(lambda: server.metric("amskv_batch_running_images") > 0, 30, "a running batch")
         server.wait_for(lambda: server.metric("amskv_requests_cancelled_total") > cancelled, 30, "the cancellation")
+        server.wait_for(lambda: counted(server, 499) == left + 1, 30, "the abandoned stream counted as 499")
+        assert counted(server, 200) == ok
     finally:
         server.set_faults(batch_delay_ms=0)
     server.wait_for(lambda: httpx.get(f"{server.base}/v1/status").json()["running_images"] == 0, 30, "an idle worker")
