@@ -22,9 +22,9 @@ RUN pip install --no-cache-dir -c requirements.lock . \
 # AMSKV_* variables configure the service at run time. Checkpoints are mounted read-only at /models and
 # named by AMSKV_VAR_CHECKPOINT / AMSKV_VAE_CHECKPOINT (docker-compose.yml sets them); without them the
 # service runs the small demo model bundled in the package, so the image default stays usable on CPU too.
+# The drain keeps the code's default (60 s: one full d30 batch with room), as compose and Kubernetes do.
 ENV AMSKV_DEVICE=cuda \
-    AMSKV_DTYPE=bf16 \
-    AMSKV_DRAIN_TIMEOUT_S=30
+    AMSKV_DTYPE=bf16
 
 WORKDIR /home/amskv
 USER 10001
