@@ -125,9 +125,9 @@ class Settings(BaseSettings):
         """The XDG base-directory rule: $XDG_CACHE_HOME when set and absolute, else ~/.cache."""
         if self.kv_profile_cache_dir:
             return Path(self.kv_profile_cache_dir).expanduser()
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-        return base / "amskv" / "profiles"
+        from amskv.kvcache.calibration import default_cache_dir
+
+        return default_cache_dir(os.environ, Path.home())
 
     @property
     def cpu_kv_budget_bytes(self) -> int:

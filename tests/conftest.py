@@ -16,6 +16,13 @@ def golden_path() -> Path:
     return GOLDEN
 
 
+@pytest.fixture(autouse=True)
+def own_profile_cache(tmp_path_factory, monkeypatch):
+    """Each test caches calibration profiles in a fresh folder of its own, never in the user's ~/.cache
+    (the CLI commands and the server cache there by default); servers a test starts inherit it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return golden_path()

@@ -29,6 +29,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_policy: str = D
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="transformer dtype")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when torch sees a GPU, "
                                                          "as `amskv serve`)")
+    parser.add_argument("--profile-cache-dir", metavar="DIR",
+                        help="where a checkpoint's KV calibration profile is cached, so it is calibrated once "
+                             "(default: the server's, $XDG_CACHE_HOME/amskv/profiles or ~/.cache/amskv/profiles)")
 
 
 def parse_policy_args(items: list[str]) -> dict[str, str]:
@@ -42,7 +45,13 @@ def parse_policy_args(items: list[str]) -> dict[str, str]:
 
 
 def load_engine(args: argparse.Namespace):
-    from amskv.engine import Engine
+    import os
+    from pathlib import Path
 
+    from amskv.engine import Engine
+    from amskv.kvcache.calibration import default_cache_dir
+
+    # the command line is an entry point: it may read the environment (the library does not)
+    cache = Path(args.profile_cache_dir) if args.profile_cache_dir else default_cache_dir(os.environ, Path.home())
     return Engine.load(args.var, args.vae, policy=args.policy, policy_args=parse_policy_args(args.policy_arg),
-                       dtype=args.dtype, device=args.device, model=args.model)
+                       dtype=args.dtype, device=args.device, model=args.model, profile_cache_dir=cache)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,15 @@ def calibrate_engine(engine, policy: AMSKVPolicy, settings: CalibrationSettings 
     neg_l2 = layer_similarity(observer.similarity("neg_l2"), cfg.depth, scales)
     return CalibrationProfile(**{**profile.__dict__, "layer_similarity_neg_l2": tuple(neg_l2),
                                  "seconds": time.perf_counter() - began})
+
+
+def default_cache_dir(environ: Mapping[str, str], home: Path) -> Path:
+    """Where calibrated profiles are cached unless told otherwise, by the XDG base-directory rule:
+    $XDG_CACHE_HOME/amskv/profiles when that is set and absolute, else ~/.cache/amskv/profiles. The caller
+    passes its environment (the library reads none); the server and the CLI commands share this rule."""
+    xdg = environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else home / ".cache"
+    return base / "amskv" / "profiles"
 
 
 def file_sha256(path: str | Path) -> str:

@@ -57,3 +57,25 @@ def test_class_names_as_the_api_takes_them(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--classes (label 2)" in err and "'sevn'" in err and "seven" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_checkpoint_is_calibrated_once_then_its_cached_profile_is_used(golden_dir, tmp_path, capsys, caplog):
+    import logging
+
+    ckpt = ["--var", str(golden_dir / "tiny_var.pth"), "--vae", str(golden_dir / "vae.pth")]
+    cache = tmp_path / "profiles"
+    args = ["--classes", "1", "--seed", "2", "--profile-cache-dir", str(cache), *ckpt]
+    with caplog.at_level(logging.INFO, logger="amskv.engine"):
+        first = run([*args, "--out", str(tmp_path / "a")], capsys)
+        second = run([*args, "--out", str(tmp_path / "b")], capsys)
+    sources = [r.getMessage().split(": profile ")[1].split()[0] for r in caplog.records if ": profile " in r.getMessage()]
+    assert sources == ["calibrated", "cached"] and len(list(cache.glob("*.json"))) == 1
+    assert first["images"] and np.array_equal(np.asarray(Image.open(tmp_path / "a" / "000_c1_s2.png")),
+                                              np.asarray(Image.open(tmp_path / "b" / "000_c1_s2.png")))
+
+
+def test_without_a_cache_dir_the_profile_goes_to_the_xdg_cache(golden_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    run(["--classes", "1", "--out", str(tmp_path / "a"), "--var", str(golden_dir / "tiny_var.pth"),
+         "--vae", str(golden_dir / "vae.pth")], capsys)
+    assert len(list((tmp_path / "xdg" / "amskv" / "profiles").glob("*.json"))) == 1
