@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 on_invalid=lambda request: _count_invalid(request),
                                 openai_schemas={openai_images.IMAGES_PATH: ImagesGenerationRequest.model_json_schema()})
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestMetrics, access_log=settings.access_log)
     app.add_middleware(DrainNotice)
 
     for router in (generate.router, openai_images.router, catalog.router, health.router):

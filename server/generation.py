@@ -59,13 +59,15 @@ def new_job(service: Service, request: Request, labels: list[int], body: Any, *,
     timeout_s = settings.request_timeout_s if body.timeout_ms is None else min(
         settings.request_timeout_s, body.timeout_ms / 1000)
     client_timeout_ms = body.timeout_ms if timeout_s < settings.request_timeout_s else None
-    return Job(id=request.scope.get("amskv.request_id", f"gen_{uuid.uuid4().hex}"),
+    job = Job(id=request.scope.get("amskv.request_id", f"gen_{uuid.uuid4().hex}"),
                labels=[label for label in labels for _ in range(body.n)],
                seeds=[(seed + i) % (SEED_MAX + 1) for i in range(total)],
                params=SamplingParams(cfg=body.cfg_scale, top_k=top_k, top_p=body.top_p,
                                      more_smooth=body.more_smooth),
                priority=body.priority, arrival=now, deadline=now + timeout_s, client_timeout_ms=client_timeout_ms,
                preview_scales=frozenset(preview_scales))
+    request.scope["amskv.job"] = job  # the access log line reads its images and times (server/middleware.py)
+    return job
 
 
 async def await_job(batcher: Batcher, job: Job, request: Request) -> JobResult | None:

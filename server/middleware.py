@@ -2,6 +2,7 @@
 the drain notice on /readyz."""
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -15,11 +16,24 @@ from server.errors import ApiError, BodyTooLarge, UnsupportedMediaType, error_re
 GENERATE_PATHS = metrics.GENERATE_ENDPOINTS
 
 
-class RequestMetrics:
-    """Pure ASGI middleware: X-Request-ID on every response; count and time the generate endpoints."""
+access_logger = logging.getLogger("amskv.access")
 
-    def __init__(self, app: Any) -> None:
+
+def access_line(request_id: str, route: str, status: int, seconds: float, job: Any) -> str:
+    """One generate request as key=value pairs: id, route, status, images, queue and inference seconds."""
+    fields = {"id": request_id, "route": route, "status": status, "images": job.num_images if job else 0,
+              "queue_s": round(((job.started_at or job.arrival) - job.arrival) if job else 0.0, 4),
+              "inference_s": round(job.inference_time_s if job else 0.0, 4), "total_s": round(seconds, 4)}
+    return " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: X-Request-ID on every response; count and time the generate endpoints, and
+    log one access line per generate request unless ``access_log`` is off."""
+
+    def __init__(self, app: Any, access_log: bool = True) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -42,9 +56,12 @@ class RequestMetrics:
             path = scope.get("path", "")
             if path in GENERATE_PATHS and scope.get("method") == "POST":
                 code = scope.get("amskv.outcome_status", status["code"])  # a stream's end (server/streaming.py)
+                seconds = time.perf_counter() - began
                 metrics.REQUESTS.labels(endpoint=path, status=str(code)).inc()
                 if 200 <= code < 300:  # answered with images; fast rejections would hide the latency
-                    metrics.REQUEST_DURATION.labels(endpoint=path).observe(time.perf_counter() - began)
+                    metrics.REQUEST_DURATION.labels(endpoint=path).observe(seconds)
+                if self.access_log:
+                    access_logger.info("%s", access_line(request_id, path, code, seconds, scope.get("amskv.job")))
 
 
 class RequestGuard:

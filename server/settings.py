@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(True, description="one structured log line per generate request (amskv.access); "
+                             "false keeps the log quiet")
     max_body_bytes: int = Field(65536, ge=1024, description="largest accepted request body")
     # What idle, slow or half-open clients can hold (server/protocol.py adds the receipt deadline uvicorn lacks).
     limit_concurrency: int = Field(2048, ge=1, description="open connections + tasks before uvicorn answers 503")

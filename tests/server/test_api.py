@@ -233,6 +233,23 @@ def test_large_request_is_split_across_batches(server):
     assert body["usage"]["batches"] == 3 and body["usage"]["batch_images"] == 4
 
 
+def test_each_generate_request_logs_one_access_line_and_the_setting_quiets_it(server, tmp_path):
+    response = post(server.base, {"class_labels": [3], "n": 2, "seed": 4})
+    request_id = response.headers["x-request-id"]
+    line = server.wait_for(lambda: next((l for l in server.log.read_text().splitlines()
+                                         if "amskv.access" in l and f"id={request_id}" in l), None), 10,
+                           "the access line")
+    fields = dict(item.split("=", 1) for item in line.split("amskv.access: ", 1)[1].split())
+    assert (fields["route"], fields["status"], fields["images"]) == ("/v1/generate", "200", "2")
+    assert float(fields["inference_s"]) > 0 and float(fields["total_s"]) >= float(fields["queue_s"]) >= 0
+    quiet = Server(tmp_path, {**SERVER_ENV, "AMSKV_ACCESS_LOG": "false"})
+    try:
+        assert post(quiet.base, {"class_labels": [3]}).status_code == 200
+        assert "amskv.access" not in quiet.log.read_text()
+    finally:
+        quiet.stop()
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"class_labels": [1], "cfg_scale": 25}, "cfg_scale"),
     ({"class_labels": [1], "cfg_scale": -1}, "cfg_scale"),
