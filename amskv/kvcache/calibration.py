@@ -47,8 +47,9 @@ class CalibrationSettings:
             raise ValueError("calibration needs images >= 1, batch >= 1, time_limit_s > 0 and a fraction in [0, 1]")
 
     def key_params(self) -> dict:
+        # the time bound too: a calibration cut short by a small bound is not the one a larger bound makes
         return {"images": self.images, "demanding_fraction": self.demanding_fraction, "cfg": self.cfg,
-                "seed": self.seed}
+                "seed": self.seed, "time_limit_s": self.time_limit_s}
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def calibrate_engine(engine, policy: AMSKVPolicy, settings: CalibrationSettings 
                         model=engine.model_name, samples=done)
     neg_l2 = layer_similarity(observer.similarity("neg_l2"), cfg.depth, scales)
     return CalibrationProfile(**{**profile.__dict__, "layer_similarity_neg_l2": tuple(neg_l2),
-                                 "seconds": time.perf_counter() - began})
+                                 "seconds": time.perf_counter() - began, "time_limit_s": settings.time_limit_s,
+                                 "cut_short": done < len(labels)})
 
 
 def default_cache_dir(environ: Mapping[str, str], home: Path) -> Path:

@@ -8,9 +8,11 @@ JSON, format ``amskv-profile/1``::
      "layer_similarity": [0.63, 0.88, ...],        # the value compared with theta, per layer
      "similarity": {"0": {"1": 0.41, ...}, ...},   # layer -> scale -> mean inter-scale key similarity
      "test_scales": [6, 7], "policy": {...}, "samples": 32,
-     "measure": "cosine", "layer_similarity_neg_l2": [-0.9, ...], "seconds": 1.2}
+     "measure": "cosine", "layer_similarity_neg_l2": [-0.9, ...], "seconds": 1.2,
+     "time_limit_s": 60.0, "cut_short": false}
 
-Only ``format`` and ``demanding`` are needed to build a policy; the rest documents how the flags arose.
+Only ``format`` and ``demanding`` are needed to build a policy; the rest documents how the flags arose. Every
+field's type is checked on read: a wrong one is a ValueError naming the file and the field.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class CalibrationProfile:
     layer_similarity_neg_l2: tuple[float, ...] = ()  # the same test scales under the negative L2 measure
     seconds: float = 0.0  # how long the calibration took (0 when unknown)
     measure: str = "cosine"  # the measure of layer_similarity and theta
+    time_limit_s: float | None = None  # the calibration's time bound (None when unknown)
+    cut_short: bool = False  # the time bound stopped it before all its images were generated
 
     @property
     def depth(self) -> int:
@@ -53,7 +57,7 @@ class CalibrationProfile:
                            for layer, by_scale in sorted(self.similarity.items())},
             "test_scales": list(self.test_scales), "policy": dict(self.policy), "samples": self.samples,
             "measure": self.measure, "layer_similarity_neg_l2": list(self.layer_similarity_neg_l2),
-            "seconds": self.seconds,
+            "seconds": self.seconds, "time_limit_s": self.time_limit_s, "cut_short": self.cut_short,
         }
 
     @classmethod
@@ -67,16 +71,43 @@ class CalibrationProfile:
         depth = data.get("depth")
         if depth is not None and depth != len(flags):
             raise ValueError(f"{source}: depth {depth} but {len(flags)} 'demanding' flags")
-        similarity = {int(layer): {int(si): float(v) for si, v in by_scale.items()}
-                      for layer, by_scale in (data.get("similarity") or {}).items()}
+        def field_of(name: str, convert, shape: str):
+            """``convert(value)`` of a field; any type error names the file, the field and its shape."""
+            try:
+                return convert(data.get(name))
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError(f"{source}: field '{name}' must be {shape}, got {data.get(name)!r:.80}") from None
+
+        def number(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(v)
+            return float(v)
+
+        def numbers(v):
+            return tuple(number(x) for x in (v or ()))
+
+        def flag(v):
+            if v is not None and not isinstance(v, bool):
+                raise TypeError(v)
+            return bool(v)
+
+        optional = (lambda v: None if v is None else number(v))
         return cls(
-            demanding=tuple(flags), model=str(data.get("model", "")), theta=data.get("theta"),
-            target_fraction=data.get("target_fraction"), similarity=similarity,
-            layer_similarity=tuple(float(v) for v in data.get("layer_similarity") or ()),
-            test_scales=tuple(int(s) for s in data.get("test_scales") or ()),
-            policy=dict(data.get("policy") or {}), samples=int(data.get("samples") or 0),
-            layer_similarity_neg_l2=tuple(float(v) for v in data.get("layer_similarity_neg_l2") or ()),
-            seconds=float(data.get("seconds") or 0.0), measure=str(data.get("measure") or "cosine"),
+            demanding=tuple(flags), model=str(data.get("model", "")),
+            theta=field_of("theta", optional, "a number or null"),
+            target_fraction=field_of("target_fraction", optional, "a number or null"),
+            similarity=field_of("similarity", lambda v: {int(layer): {int(si): number(x) for si, x in by.items()}
+                                                         for layer, by in (v or {}).items()},
+                                "{layer: {scale: number}}"),
+            layer_similarity=field_of("layer_similarity", numbers, "a list of numbers, one per layer"),
+            test_scales=field_of("test_scales", lambda v: tuple(int(s) for s in (v or ())), "a list of scale indices"),
+            policy=field_of("policy", lambda v: dict(v or {}), "an object"),
+            samples=field_of("samples", lambda v: int(v or 0), "an integer"),
+            layer_similarity_neg_l2=field_of("layer_similarity_neg_l2", numbers, "a list of numbers, one per layer"),
+            seconds=field_of("seconds", lambda v: number(v or 0.0), "a number"),
+            measure=str(data.get("measure") or "cosine"),
+            time_limit_s=field_of("time_limit_s", optional, "a number or null"),
+            cut_short=field_of("cut_short", flag, "true or false"),
         )
 
 

@@ -74,6 +74,57 @@ def test_the_time_cap_stops_after_the_first_batch(golden_engine):
     policy = make_policy("amskv", golden_engine.config.patch_nums)
     profile = calibrate_engine(golden_engine, policy, CalibrationSettings(images=8, batch=2, time_limit_s=1e-9))
     assert profile.samples == 2 and len(profile.layer_similarity) == 2
+    assert profile.cut_short and profile.time_limit_s == 1e-9  # the profile says it was cut short, and by what
+    whole = calibrate_engine(golden_engine, policy, CalibrationSettings(images=2, batch=2))
+    assert not whole.cut_short and whole.time_limit_s == CalibrationSettings().time_limit_s
+
+
+def test_the_time_bound_is_part_of_the_cache_key(golden_dir, tmp_path):
+    def load(limit):
+        return Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static",
+                           profile_cache_dir=tmp_path, calibration=CalibrationSettings(images=2, batch=1,
+                                                                                       time_limit_s=limit))
+
+    assert load(1e-9).profile.cut_short  # cut short after the first image, and cached under its own key
+    full = load(60.0)
+    assert full.profile_resolution.source == "calibrated" and not full.profile.cut_short
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"similarity": {"0": 5}}, "similarity"), ({"layer_similarity": 5}, "layer_similarity"),
+    ({"theta": "abc"}, "theta"), ({"samples": "many"}, "samples"), ({"cut_short": "yes"}, "cut_short")])
+def test_a_profile_with_a_wrong_field_type_is_refused_naming_the_file_and_the_field(tmp_path, extra, field):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"format": "amskv-profile/1", "demanding": [True, False], **extra}))
+    with pytest.raises(ValueError, match=rf"bad.json: field '{field}' must be"):
+        read_profile(path)
+
+
+def test_a_bad_cached_profile_is_logged_and_recalibrated(golden_dir, tmp_path, caplog):
+    def load():
+        return Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static",
+                           profile_cache_dir=tmp_path, calibration=CalibrationSettings(images=2, batch=2))
+
+    load()
+    (cached,) = tmp_path.glob("*.json")
+    data = json.loads(cached.read_text())
+    cached.write_text(json.dumps({**data, "layer_similarity": 5}))
+    assert load().profile_resolution.source == "calibrated"
+    assert "field 'layer_similarity'" in caplog.text
+
+
+def test_a_bad_explicit_profile_ends_generate_with_one_line_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "amskv-profile/1", "demanding": [True] * 4, "layer_similarity": 5}))
+    done = subprocess.run([sys.executable, "-m", "amskv.cli", "generate", "--classes", "1", "--out",
+                           str(tmp_path / "out"), "--policy-arg", f"profile={bad}"], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "layer_similarity" in lines[0]
 
 
 def test_profile_off_file_and_bundled_sources(golden_dir, tmp_path):
