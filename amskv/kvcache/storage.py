@@ -106,6 +106,7 @@ class LayerKV:
             self.k = torch.empty(rows, heads, capacity, head_dim, dtype=cache.dtype, device=cache.device)
             self.v = torch.empty_like(self.k)
         self.capacity = capacity
+        self.grown_bytes = 0  # bytes of the buffer this layer grew into beyond the plan (0: the planned one)
         self.segments: list[Segment] = []
         self.length = 0
         self.state: LayerState = cache.policy.init_layer(layer)
@@ -144,8 +145,10 @@ class LayerKV:
         v = torch.empty_like(k)
         k[:, :, :self.length].copy_(self.k[:, :, :self.length])
         v[:, :, :self.length].copy_(self.v[:, :, :self.length])
+        grown_before = self.grown_bytes
         self.k, self.v, self.capacity = k, v, tokens
-        self.cache.unplanned_bytes += 2 * k.numel() * k.element_size()
+        self.grown_bytes = 2 * k.numel() * k.element_size()
+        self.cache.note_growth(self.grown_bytes, grown_before)
 
     def similarity(self) -> float:
         """Mean cosine similarity of the previous scale's keys (bilinearly resized) to the current keys.
@@ -221,7 +224,8 @@ class KVCache:
         self.pooled, self.pool = pool is not None, pool
         # growth is legitimate only when the plan is a profile's, not the worst case
         self.allow_growth = growth and getattr(policy, "planned", None) is not None
-        self.unplanned_bytes = 0
+        self.unplanned_bytes = 0  # the peak of the grown buffers held at once (a replaced one is freed)
+        self._grown_now = 0
         self.workspace = Workspace(rows, heads, head_dim, workspace_tokens, dtype, device, pool) \
             if workspace_tokens else None
         self.layers = [LayerKV(self, i, c, pool) for i, c in enumerate(capacities)]
@@ -251,6 +255,13 @@ class KVCache:
     def _held_bytes(self) -> int:
         ws = self.workspace.nbytes if self.workspace is not None else 0
         return sum(layer.nbytes for layer in self.layers) + ws
+
+    def note_growth(self, new_bytes: int, replaced_bytes: int) -> None:
+        """A layer grew into ``new_bytes``; its previous grown buffer (``replaced_bytes``, 0 for the planned one)
+        is freed once the kept scales are copied, so both count at that moment and only the new one after."""
+        self._grown_now += new_bytes
+        self.unplanned_bytes = max(self.unplanned_bytes, self._grown_now)
+        self._grown_now -= replaced_bytes
 
     @property
     def allocated_bytes(self) -> int:

@@ -103,3 +103,36 @@ def test_online_expansion_beyond_the_profile_is_an_exception_not_a_reservation(g
     manager.generate(labels, seeds, [PARAMS] * 2)
     assert manager.state().unplanned_expansions == 1  # this batch expanded layer 1 (warm-up is not counted)
     assert math.isfinite(manager.state().budget_bytes)
+
+
+def test_in_the_schedulers_slots_an_unplanned_expansion_is_refused_and_nothing_grows(golden_engine):
+    from amskv.scheduler import ImageSpec, Scheduler
+
+    var, vae, dtype, device = golden_engine.var, golden_engine.vae, golden_engine.dtype, golden_engine.device
+    pn = golden_engine.config.patch_nums
+    planned = Engine(var, vae, make_policy("amskv", pn, {"theta": 2.0}, profile=(True, False)), dtype, device)
+    manager = KVCacheManager(planned, cpu_budget_bytes=2 * planned.kv_bytes_per_image())  # no room to grow
+    manager.warm_up(PARAMS)
+    pointers = [t.data_ptr() for t in manager.pool.k + manager.pool.v]
+    scheduler = Scheduler(planned, manager)
+    scheduler.admit([ImageSpec(3, 0, PARAMS), ImageSpec(4, 1, PARAMS)])
+    refused, cohorts = 0, list(scheduler.cohorts)
+    while scheduler.cohorts:
+        refused += scheduler.step().refused_expansions
+    assert refused == 2  # layer 1 of each image (one image per cohort online), kept at c_min
+    for cohort in cohorts:
+        assert cohort.cache.expansions() == {0: 7} and cohort.cache.refused_expansions() == [1]
+        assert cohort.cache.unplanned_bytes == 0 and cohort.cache.allocated_bytes == planned.memory(1).allocated_bytes
+    assert [t.data_ptr() for t in manager.pool.k + manager.pool.v] == pointers and manager.free_images() == 2
+
+
+def test_allocated_bytes_count_a_replaced_grown_buffer_only_while_both_are_held(golden_engine):
+    from amskv.generate import allocate_cache
+
+    policy = make_policy("amskv", golden_engine.config.patch_nums, {"theta": 2.0}, profile=(True, False))
+    cache = allocate_cache(golden_engine.var, policy, 1, torch.float32, golden_engine.device)
+    planned = cache.allocated_bytes
+    cache.note_growth(100, 0)  # layer 1 grows beyond its plan
+    cache.note_growth(150, 100)  # then again: both buffers exist while the kept scales are copied
+    cache.note_growth(50, 0)  # another layer grows; the first layer's 100 bytes were freed
+    assert cache.allocated_bytes == planned + 250  # the peak held at once, not 100 + 150 + 50
