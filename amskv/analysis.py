@@ -3,7 +3,7 @@
 Two passes over the same labels and seeds:
 
 - under the ``full`` policy (every earlier scale visible), an observer computes explicit softmax
-  probabilities to get the attention density d(i<-j) (the AMS-KV paper's attention density; docs/kv-cache.md §6) and the inter-scale key
+  probabilities to get the attention density d(i<-j) (the AMS-KV paper's; docs/kv-cache.md §6) and the inter-scale key
   similarity of every layer and scale (the AMS-KV expansion signal, ``storage.key_similarity``);
 - under the policy being studied, the scales each layer keeps (what every query scale could see).
 

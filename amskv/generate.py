@@ -41,7 +41,8 @@ def allocate_cache(var: VAR, policy: KVPolicy, batch: int, dtype: torch.dtype, d
 
     ``row_offset``/``growth``: a scheduler's cohort on its pool slots, never allocating (``KVCache``)."""
     cfg = var.config
-    plan = policy_plan(policy, cfg.patch_nums, cfg.depth)  # the profile's plan, or the worst case when layers decide online
+    # the profile's plan, or the worst case when layers decide online
+    plan = policy_plan(policy, cfg.patch_nums, cfg.depth)
     return KVCache(policy, cfg.patch_nums, rows=2 * batch, heads=cfg.num_heads, head_dim=cfg.head_dim,
                    capacities=list(plan.capacities), workspace_tokens=plan.workspace_tokens,
                    dtype=dtype, device=device, observer=observer, pool=pool, row_offset=row_offset, growth=growth)

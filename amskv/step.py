@@ -131,7 +131,8 @@ def run_step(var: VAR, vae: VQVAE, cohorts: list[Cohort], decode_chunk: int = 8)
         if si != S - 1:
             pn_next, cur = cfg.patch_nums[si + 1], sum(cfg.scale_tokens[:si + 1])
             nxt = nxt.view(n, cfg.cvae, -1).transpose(1, 2)  # (n, Cv, pn', pn') -> (n, pn'^2, Cv)
-            c.x = (var.word_embed(nxt) + lvl_pos[:, cur:cur + pn_next * pn_next]).repeat_interleave(2, dim=0)  # (2n, pn'^2, C)
+            nxt = var.word_embed(nxt) + lvl_pos[:, cur:cur + pn_next * pn_next]  # (n, pn'^2, C)
+            c.x = nxt.repeat_interleave(2, dim=0)  # (n, pn'^2, C) -> (2n, pn'^2, C): both CFG rows of each image
         c.scale += 1
     if cohorts and cohorts[0].labels.device.type == "cuda":
         torch.cuda.synchronize(cohorts[0].labels.device)  # time the work, not its launch

@@ -114,7 +114,7 @@ class AMSKVPolicy(KVPolicy):
       (``demanding`` replaces that online test with per-layer flags from a calibration profile);
     - otherwise the oldest unlocked scale is evicted (CLRU);
     - a scale with more than ``c_max`` tokens is not cached, nor is the last scale;
-    - the scale just inserted is never evicted unless ``evict_newest`` (a variant the paper discusses; docs/kv-cache.md §1).
+    - the scale just inserted is never evicted unless ``evict_newest`` (a variant; docs/kv-cache.md §1).
 
     ``planned`` (online only) are a calibration profile's flags: the allocation is planned for them, and an
     online expansion of a layer the profile did not flag is an exception the storage allocates on the spot

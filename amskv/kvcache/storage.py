@@ -37,8 +37,8 @@ def key_similarity(k_prev: torch.Tensor, k_cur: torch.Tensor, pn_prev: int, pn: 
     scale's grid, to the current keys; averaged over rows, heads and tokens.
 
     ``cosine``: the mean cosine similarity (what online AMS-KV compares with theta). ``neg_l2``: the negative
-    mean L2 distance per token, the AMS-KV paper's measure (docs/kv-cache.md §5). Resized unit keys are no longer unit-norm,
-    so the two are not equivalent; calibration records both (docs/kv-cache.md §5 compares their rankings).
+    mean L2 distance per token, the AMS-KV paper's measure. Resized unit keys are no longer unit-norm, so the
+    two are not equivalent; calibration records both (docs/kv-cache.md §5 compares their rankings).
 
     k_prev: (rows, H, pn_prev^2, hd), k_cur: (rows, H, pn^2, hd). Shared by the online AMS-KV test and
     ``amskv analyze``, so calibration measures exactly what the policy compares with theta.
@@ -153,8 +153,8 @@ class LayerKV:
     def similarity(self) -> float:
         """Mean cosine similarity of the previous scale's keys (bilinearly resized) to the current keys.
 
-        Keys are L2-normalised per head, so this ranks layers like the negative L2 distance of
-        the AMS-KV paper's L2 test (docs/kv-cache.md §5). One value per layer: averaged over rows (batch and CFG), heads and tokens.
+        Keys are L2-normalised per head, so this ranks layers like the AMS-KV paper's negative L2 distance
+        (docs/kv-cache.md §5). One value per layer: averaged over rows (batch and CFG), heads and tokens.
         """
         si = self.cache.scale
         prev = next((s for s in self.segments if s.scale == si - 1), None)

@@ -126,7 +126,8 @@ class AdaLNSelfAttn(nn.Module):
             mods = self.ada_gss + cond  # (R, 1, 6, C)
         else:
             mods = self.ada_lin(cond).view(-1, 1, 6, self.C)  # (R, 6C) -> (R, 1, 6, C)
-        mods = mods.view(-1, 6, self.C).index_select(0, packing.token_row)  # (R, 6, C) -> (T, 6, C): each token its row's
+        # (R, 1, 6, C) -> (R, 6, C) -> (T, 6, C): each token takes its row's modulation
+        mods = mods.view(-1, 6, self.C).index_select(0, packing.token_row)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(1)  # each (T, C)
         h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
         x = x + self.attn.forward_packed(h, packing).mul_(gamma1)
