@@ -163,7 +163,7 @@ KV_PROFILE_THETA = Gauge(
 )
 LAST_BATCH_COMPLETED = Gauge(
     "amskv_last_batch_completed_timestamp_seconds",
-    "Unix time the inference thread last finished a batch, failed or not (the worker heartbeat; 0 before the first).",
+    "Unix time the inference thread last finished an engine step, failed or not (the worker heartbeat; 0 before the first).",
     registry=REGISTRY,
 )
 BATCH_MAX_CONFIGURED = Gauge(

@@ -183,7 +183,8 @@ class QueueStatus(BaseModel):
     oldest_queued_s: float
     running_requests: int
     running_images: int
-    max_batch: int = Field(description="images that fit in the next batch now")
+    max_batch: int = Field(description="the most images one step may run (the KV pool after OOM back-off)")
+    free_images: int = Field(0, description="KV slots free now: images that could start at the next scale boundary")
 
 
 # The OpenAI-compatible route answers invalid requests with 400 (OpenAI's status), not 422.

@@ -89,7 +89,8 @@ class InferenceWorker:
         self.manager: KVCacheManager | None = None  # made on this thread after loading
         self.scheduler: Scheduler | None = None
         self.info: EngineInfo | None = None
-        self.max_images = 0  # images that could be admitted at the latest boundary
+        self.max_images = 0  # the most images one step may run (the pool after OOM back-off)
+        self.free_images = 0  # KV slots free at the latest boundary: images that could start now
 
     # --- lifecycle (called from the event loop) -------------------------------------------------
     def start(self) -> None:
@@ -175,13 +176,10 @@ class InferenceWorker:
 
     def _publish_room(self) -> int:
         """Images that may start now (0 = no room), published with the rest of the manager's state."""
-        room = self.scheduler.room()
-        self.max_images = room
-        metrics.publish_kv_state(self.manager.state(), room)
+        room, state = self.scheduler.room(), self.manager.state()
+        self.max_images, self.free_images = state.admissible, room
+        metrics.publish_kv_state(state, room)
         return room
-
-    def admissible_batch(self) -> int:
-        return self._publish_room()
 
     def _turn(self) -> None:
         """One scale boundary: drop, admit, step."""
@@ -222,8 +220,7 @@ class InferenceWorker:
         for spec, image in outcome.images:
             job, index = spec.tag
             self.batcher.deliver(job, index, image.numpy())
-        if outcome.images:
-            metrics.LAST_BATCH_COMPLETED.set(time.time())
+        metrics.LAST_BATCH_COMPLETED.set(time.time())  # the heartbeat: a step ended, whatever its outcome
         if outcome.failed:
             self._fail(outcome)
         elif not outcome.out_of_memory:

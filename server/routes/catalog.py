@@ -35,4 +35,4 @@ async def status(service: ServiceDep) -> QueueStatus:
     return QueueStatus(status=service.health()[0], queued_requests=batcher.queued_requests,
                        queued_images=batcher.queued_images, oldest_queued_s=round(batcher.oldest_queued_age_s(), 3),
                        running_requests=batcher.running_requests, running_images=batcher.running_images,
-                       max_batch=service.worker.max_images)
+                       max_batch=service.worker.max_images, free_images=service.worker.free_images)
