@@ -163,7 +163,8 @@ KV_PROFILE_THETA = Gauge(
 )
 LAST_BATCH_COMPLETED = Gauge(
     "amskv_last_batch_completed_timestamp_seconds",
-    "Unix time the inference thread last finished an engine step, failed or not (the worker heartbeat; 0 before the first).",
+    "Unix time the inference thread last finished an engine step, failed or not (the worker heartbeat; 0 before "
+    "the first).",
     registry=REGISTRY,
 )
 BATCH_MAX_CONFIGURED = Gauge(
@@ -210,7 +211,8 @@ SCALE_DURATION = Histogram(
 )
 BATCH_SIZE = Histogram(
     "amskv_batch_size_images", "Images admitted together at one scale boundary (a batch); "
-    "each image is counted once. amskv_step_images counts the images each step runs.", buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
+    "each image is counted once. amskv_step_images counts the images each step runs.",
+    buckets=IMAGE_COUNT_BUCKETS, registry=REGISTRY,
 )
 REQUEST_IMAGES = Histogram(
     "amskv_request_images", "Images asked for per accepted request.",
