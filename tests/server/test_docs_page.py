@@ -9,8 +9,7 @@ import httpx
 import pytest
 
 from tests.server.test_api import SERVER_ENV, Server  # the same real-server harness
-from tests.server.test_playground import CHROMIUM_ARGS
-from tests.tools import find_tool
+from tests.server.test_playground import chromium_page
 
 
 @pytest.fixture(scope="module")
@@ -21,29 +20,18 @@ def server(tmp_path_factory):
 
 
 def test_docs_lists_every_operation_in_chromium(server, tmp_path):
-    chromium = find_tool("chromium")
-    from playwright.sync_api import sync_playwright
-
     schema = httpx.get(f"{server.base}/openapi.json").json()
     assert schema["openapi"].startswith("3.1")
     operations = {(method.upper(), path) for path, item in schema["paths"].items() for method in item}
     requests: list[str] = []
-    with sync_playwright() as driver:
-        browser = driver.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1100, "height": 760})
-        try:
-            page = browser.new_page()
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(f"{server.base}/docs")
-            page.wait_for_function("document.querySelector('.opblock')"
-                                   " || document.body.innerText.includes('Unable to render')", timeout=60_000)
-            shown = page.eval_on_selector_all(
-                ".opblock", "els => els.map(e => [e.querySelector('.opblock-summary-method').innerText,"
-                            " e.querySelector('.opblock-summary-path').getAttribute('data-path')])")
-            text = page.inner_text("body")
-        finally:
-            browser.close()
+    with chromium_page(tmp_path, requests=requests) as page:
+        page.goto(f"{server.base}/docs")
+        page.wait_for_function("document.querySelector('.opblock')"
+                               " || document.body.innerText.includes('Unable to render')", timeout=60_000)
+        shown = page.eval_on_selector_all(
+            ".opblock", "els => els.map(e => [e.querySelector('.opblock-summary-method').innerText,"
+                        " e.querySelector('.opblock-summary-path').getAttribute('data-path')])")
+        text = page.inner_text("body")
 
     assert "Unable to render" not in text and "does not specify a valid version" not in text
     assert {(method.upper(), path) for method, path in shown} == operations

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from html.parser import HTMLParser
 
 import httpx
@@ -28,6 +29,26 @@ DOC_SCREENSHOT = REPO / "docs" / "playground.png"  # rewritten only with AMSKV_U
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EXTERNAL = re.compile(r"(?:https?:)?//[a-z0-9.-]+", re.IGNORECASE)
+
+
+@contextmanager
+def chromium_page(tmp_path, width: int = 1100, height: int = 760, requests: list[str] | None = None):
+    """A page in Debian's Chromium (Playwright with ``executable_path``), closed on exit; the URLs it requests
+    are appended to ``requests`` when given."""
+    chromium = find_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": width, "height": height})
+        try:
+            page = browser.new_page()
+            if requests is not None:
+                page.on("request", lambda request: requests.append(request.url))
+            yield page
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -70,40 +91,29 @@ def data_url_png(src: str) -> np.ndarray:
 
 
 def test_two_images_refine_scale_by_scale_and_render_in_chromium(server, tmp_path):
-    chromium = find_tool("chromium")
-    from playwright.sync_api import sync_playwright
-
     screenshot = tmp_path / "playground.png"
     card = httpx.get(f"{server.base}/v1/models").json()["data"][0]
     requests: list[str] = []
-    with sync_playwright() as driver:
-        browser = driver.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1100, "height": 760})
-        try:
-            page = browser.new_page()
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(f"{server.base}/")
-            page.wait_for_function("document.querySelectorAll('#class-chips button').length === 10")
-            kv = card["kv_cache"]
-            assert page.inner_text("#kv-bytes") == f"{kv['bytes_per_image'] / 2**20:.2f} MiB"
-            assert page.inner_text("#kv-vanilla") == f"{kv['vanilla_bytes_per_image'] / 2**20:.2f} MiB"
-            page.fill("#classes", "seven, 3")
-            page.fill("#n", "1")
-            page.fill("#seed", "21")
-            page.click("#generate")
-            page.wait_for_function("document.body.dataset.done", timeout=120_000)
-            assert page.evaluate("document.body.dataset.done") == "true", page.inner_text("#error")
-            log = page.evaluate("window.amskvPreviewLog")
-            finals = page.eval_on_selector_all("img.final[data-final='true']", "els => els.map(e => e.src)")
-            downloads = page.eval_on_selector_all("a.download", "els => els.map(e => e.download)")
-            rendered = page.eval_on_selector_all(
-                "img.final", "els => els.map(e => e.complete && e.naturalWidth)")
-            batch = page.inner_text("#batch-images")
-            assert page.inner_text("#queue-requests").isdigit()
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+    with chromium_page(tmp_path, requests=requests) as page:
+        page.goto(f"{server.base}/")
+        page.wait_for_function("document.querySelectorAll('#class-chips button').length === 10")
+        kv = card["kv_cache"]
+        assert page.inner_text("#kv-bytes") == f"{kv['bytes_per_image'] / 2**20:.2f} MiB"
+        assert page.inner_text("#kv-vanilla") == f"{kv['vanilla_bytes_per_image'] / 2**20:.2f} MiB"
+        page.fill("#classes", "seven, 3")
+        page.fill("#n", "1")
+        page.fill("#seed", "21")
+        page.click("#generate")
+        page.wait_for_function("document.body.dataset.done", timeout=120_000)
+        assert page.evaluate("document.body.dataset.done") == "true", page.inner_text("#error")
+        log = page.evaluate("window.amskvPreviewLog")
+        finals = page.eval_on_selector_all("img.final[data-final='true']", "els => els.map(e => e.src)")
+        downloads = page.eval_on_selector_all("a.download", "els => els.map(e => e.download)")
+        rendered = page.eval_on_selector_all(
+            "img.final", "els => els.map(e => e.complete && e.naturalWidth)")
+        batch = page.inner_text("#batch-images")
+        assert page.inner_text("#queue-requests").isdigit()
+        page.screenshot(path=str(screenshot), full_page=True)
 
     for index in (0, 1):
         order = [entry["scale"] for entry in log if entry["index"] == index]
@@ -122,50 +132,30 @@ def test_two_images_refine_scale_by_scale_and_render_in_chromium(server, tmp_pat
         shutil.copyfile(screenshot, DOC_SCREENSHOT)
 
 
-def open_page(driver, chromium: str, tmp_path, viewport: dict):
-    browser = driver.chromium.launch_persistent_context(
-        str(tmp_path / "profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True, viewport=viewport)
-    return browser, browser.new_page()
-
-
 def test_a_phone_wide_page_is_no_wider_than_the_screen(server, tmp_path):
-    chromium = find_tool("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as driver:
-        browser, page = open_page(driver, chromium, tmp_path, {"width": 390, "height": 844})
-        try:
-            page.goto(f"{server.base}/")
-            page.wait_for_function("document.querySelectorAll('#class-chips button').length === 10")
-            before = page.evaluate("document.scrollingElement.scrollWidth")
-            page.fill("#classes", "3")
-            page.fill("#n", "1")
-            page.click("#generate")
-            page.wait_for_function("document.body.dataset.done", timeout=120_000)
-            after = page.evaluate("document.scrollingElement.scrollWidth")  # with an image card shown
-        finally:
-            browser.close()
+    with chromium_page(tmp_path, 390, 844) as page:
+        page.goto(f"{server.base}/")
+        page.wait_for_function("document.querySelectorAll('#class-chips button').length === 10")
+        before = page.evaluate("document.scrollingElement.scrollWidth")
+        page.fill("#classes", "3")
+        page.fill("#n", "1")
+        page.click("#generate")
+        page.wait_for_function("document.body.dataset.done", timeout=120_000)
+        after = page.evaluate("document.scrollingElement.scrollWidth")  # with an image card shown
     assert before <= 390 and after <= 390, (before, after)
 
 
 def test_a_submit_the_browser_blocks_clears_the_previous_error(server, tmp_path):
-    chromium = find_tool("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as driver:
-        browser, page = open_page(driver, chromium, tmp_path, {"width": 1100, "height": 760})
-        try:
-            page.goto(f"{server.base}/")
-            page.wait_for_function("document.querySelectorAll('#class-chips button').length === 10")
-            page.fill("#classes", "no-such-class")
-            page.click("#generate")
-            page.wait_for_function("document.body.dataset.done === 'failed'", timeout=60_000)
-            assert page.is_visible("#error") and "no-such-class" in page.inner_text("#error")
-            page.fill("#classes", "3")
-            page.fill("#n", "99")  # above the field's max: the browser refuses to submit, no request is sent
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('error').hidden", timeout=5_000)
-            state = page.inner_text("#state")
-        finally:
-            browser.close()
+    with chromium_page(tmp_path) as page:
+        page.goto(f"{server.base}/")
+        page.wait_for_function("document.querySelectorAll('#class-chips button').length === 10")
+        page.fill("#classes", "no-such-class")
+        page.click("#generate")
+        page.wait_for_function("document.body.dataset.done === 'failed'", timeout=60_000)
+        assert page.is_visible("#error") and "no-such-class" in page.inner_text("#error")
+        page.fill("#classes", "3")
+        page.fill("#n", "99")  # above the field's max: the browser refuses to submit, no request is sent
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('error').hidden", timeout=5_000)
+        state = page.inner_text("#state")
     assert state == ""
