@@ -288,7 +288,7 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
         if name == "amskv" and profile is not None:
             planned = tuple(getattr(profile, "demanding", profile))
             if "theta" not in params and getattr(profile, "theta", None) is not None:
-                params["theta"] = profile.theta  # the layout has no measured theta: use the checkpoint's
+                params["theta"] = online_theta(profile)  # the layout has no measured theta: the checkpoint's
         policy = AMSKVPolicy(**{k: v for k, v in params.items() if k != "demanding"},
                              demanding=_flags(params.get("demanding")), planned=planned)
     else:
@@ -296,6 +296,31 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
     if args:
         raise ValueError(f"unknown argument(s) for policy {name!r}: {sorted(args)}")
     return policy
+
+
+def online_theta(profile) -> float:
+    """θ for the online test, fitted on what that test compares.
+
+    The online test asks at each overflow (the profile's test scales) whether that scale's similarity is below
+    θ, so a layer expands when its *lowest* value over the test scales is; the profile's own θ separates the
+    *mean* over those scales, which is higher, and so lets unplanned layers expand. Here θ lies midway between
+    the flagged layers' highest minimum and the unflagged layers' lowest minimum, per the profile's per-scale
+    similarities (the profile's θ when it has none, or when the two groups overlap on this statistic).
+    """
+    scales = tuple(getattr(profile, "test_scales", ()) or ())
+    similarity = getattr(profile, "similarity", {}) or {}
+    lowest = {layer: min((by[s] for s in scales if s in by), default=None) for layer, by in similarity.items()}
+    flagged = [v for layer, v in lowest.items() if v is not None and layer < len(profile.demanding)
+               and profile.demanding[layer]]
+    unflagged = [v for layer, v in lowest.items() if v is not None and layer < len(profile.demanding)
+                 and not profile.demanding[layer]]
+    if not unflagged:
+        return profile.theta
+    if not flagged:
+        return min(unflagged) - 1e-6 if profile.theta >= min(unflagged) else profile.theta
+    if max(flagged) >= min(unflagged):
+        return profile.theta
+    return (max(flagged) + min(unflagged)) / 2
 
 
 def _flags(value):

@@ -5,7 +5,7 @@ import pytest
 
 from amskv.engine import Engine
 from amskv.kvcache.calibration import CalibrationSettings, calibrate_engine, demanding_count
-from amskv.kvcache.policy import make_policy
+from amskv.kvcache.policy import make_policy, online_theta
 from amskv.kvcache.profile import read_profile
 
 
@@ -45,7 +45,8 @@ def test_a_restart_reuses_the_cached_profile(calibrated, golden_dir):
     assert again.profile_resolution.source == "cached" and again.profile_resolution.seconds == 0
     assert again.profile.demanding == engine.profile.demanding
     assert again.policy.planned == engine.profile.demanding  # online AMS-KV plans for the profile
-    assert again.policy.theta == engine.profile.theta  # the 256 px layout has no measured theta of its own
+    # the 256 px layout has no measured theta of its own: the profile's, fitted on what the online test compares
+    assert again.policy.theta == online_theta(engine.profile)
 
 
 def test_a_corrupt_cache_file_is_recalibrated(golden_dir, tmp_path):
@@ -162,3 +163,28 @@ def test_both_measures_rank_the_golden_layers_the_same(calibrated):
 def _demo_profile():
     from importlib import resources
     return resources.files("amskv") / "weights" / "demo_profile.json"
+
+
+def test_online_theta_lies_between_the_flagged_and_unflagged_lowest_values_at_the_test_scales():
+    from amskv.kvcache.profile import CalibrationProfile
+
+    # layer 1's mean over scales 7 and 8 (0.80) is above the mean-fitted theta 0.78, but at scale 7 alone it is
+    # 0.70: the online test, asked at each overflow, would expand it although the profile did not plan it
+    profile = CalibrationProfile(demanding=(True, False, False), theta=0.78, test_scales=(7, 8),
+                                 similarity={0: {7: 0.40, 8: 0.60}, 1: {7: 0.70, 8: 0.90}, 2: {7: 0.85, 8: 0.90}})
+    assert online_theta(profile) == pytest.approx((0.40 + 0.70) / 2, abs=1e-12)  # layer 0's lowest is 0.40
+    overlapping = CalibrationProfile(demanding=(True, False), theta=0.5, test_scales=(7,),
+                                     similarity={0: {7: 0.8}, 1: {7: 0.6}})
+    assert online_theta(overlapping) == 0.5  # the statistic orders the layers otherwise: keep the profile's
+
+
+def test_mnist64_online_amskv_on_held_out_seeds_expands_only_what_the_profile_planned():
+    from amskv.sampling import SamplingParams
+
+    engine = Engine.load(model="mnist64", policy="amskv")  # online, with the shipped profile (layers 0 and 5)
+    seeds = list(range(100, 116))  # held out: calibration used seeds 0-31
+    result = engine.generate([s % 10 for s in seeds], seeds, [SamplingParams(cfg=3.0)] * 16)
+    # The mean-fitted theta (0.803) expanded layers 1 and 3 too (their scale-7 cosines are 0.782 and 0.783); the
+    # fitted one (0.755) sits 0.027 below them, far beyond float differences between CPU kinds.
+    assert result.unplanned_expansions == [] and set(result.expansions) == {0, 5}, result.expansions
+    assert result.kv_allocated_bytes == engine.memory(16).allocated_bytes  # exactly the plan's prediction
