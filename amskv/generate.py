@@ -58,7 +58,7 @@ def policy_plan(policy: KVPolicy, patch_nums: tuple[int, ...], depth: int) -> KV
 def plan_pool(var: VAR, policy: KVPolicy, images: int, dtype: torch.dtype, device) -> KVPool:
     """KV buffers for up to ``images`` images under ``policy``'s plan, allocated once and reused by batches."""
     cfg = var.config
-    plan = plan_kv(policy, cfg.patch_nums, cfg.depth)
+    plan = policy_plan(policy, cfg.patch_nums, cfg.depth)
     return KVPool(images, cfg.num_heads, cfg.head_dim, list(plan.capacities), plan.workspace_tokens, dtype, device)
 
 
@@ -86,32 +86,22 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
         + lvl_pos[:, :first_l]  # (2B, first_l, C)
     f_hat = cond_BD.new_zeros(B, cfg.cvae, cfg.patch_nums[-1], cfg.patch_nums[-1])
     smooth_any = bool(params.more_smooth.any())
-    tokens, cur, scale_seconds = [], 0, []
+    tokens, scale_seconds = [], []
     scale_began = time.perf_counter()
-    for si, pn in enumerate(cfg.patch_nums):
+    for si in range(S):
         ratio = si / (S - 1) if S > 1 else 0.0
-        cur += pn * pn
         cache.begin_scale(si)
         h = var.run_blocks(x, cond_BD, kv_layers=cache)
         cache.end_scale()
         raw = var.get_logits(h, cond_BD)  # (2B, pn^2, V)
-        logits = cfg_mix(raw, params.cfg, ratio)  # (B, pn^2, V)
-        filter_top_k_top_p_(logits, params.top_k, params.top_p)
-        idx = sample_tokens(logits, seeds, si) if force_tokens is None else force_tokens(si, raw)  # (B, pn^2)
+        forced = None if force_tokens is None else force_tokens(si, raw)  # (B, pn^2)
+        idx, nxt = sample_scale(var, quant, cfg_mix(raw, params.cfg, ratio), seeds, params, si, f_hat, lvl_pos,
+                                smooth_any, forced)
         tokens.append(idx)
-        code = quant.embedding(idx)  # (B, pn^2, Cvae)
-        if smooth_any:
-            weights = smooth_weights(logits, seeds, si, ratio)  # (B, pn^2, V)
-            soft = invariant_linear(weights, quant.embedding.weight.t())  # weights @ codebook: (B, pn^2, Cvae)
-            code = torch.where(params.more_smooth.view(B, 1, 1), soft, code)
-        h_BChw = code.transpose(1, 2).reshape(B, cfg.cvae, pn, pn)  # (B, pn^2, Cv) -> (B, Cv, pn, pn)
-        nxt = quant.next_autoregressive_input(si, f_hat, h_BChw)
         if on_scale is not None:
             on_scale(si, f_hat)
-        if si != S - 1:
-            pn_next = cfg.patch_nums[si + 1]
-            nxt = nxt.view(B, cfg.cvae, -1).transpose(1, 2)  # (B, Cv, pn', pn') -> (B, pn'^2, Cv)
-            x = (var.word_embed(nxt) + lvl_pos[:, cur:cur + pn_next * pn_next]).repeat(2, 1, 1)  # (2B, pn'^2, C)
+        if nxt is not None:
+            x = nxt.repeat(2, 1, 1)  # (B, pn'^2, C) -> (2B, pn'^2, C): conditional rows, then unconditional
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
         now = time.perf_counter()
@@ -124,6 +114,34 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
         unplanned_expansions=cache.unplanned_expansions(), similarities=cache.similarities,
         seconds=time.perf_counter() - t0, scale_seconds=scale_seconds,
     )
+
+
+def sample_scale(var: VAR, quant, logits: torch.Tensor, seeds: torch.Tensor, params: RowParams, si: int,
+                 f_hat: torch.Tensor, lvl_pos: torch.Tensor, smooth: bool, forced: torch.Tensor | None = None):
+    """Scale ``si`` from its CFG-mixed logits (B, pn^2, V), per row: filter (in place), sample (or take ``forced``),
+    add the codes to ``f_hat`` (in place) and embed the next scale's input.
+
+    Returns (tokens (B, pn^2), the next input (B, pn'^2, C) before CFG duplicates its rows, or None after the
+    last scale). Shared by the whole-batch sampler and the scheduler's step (amskv/step.py), so both compute
+    an image the same way. ``smooth``: some row uses ``more_smooth``.
+    """
+    cfg = var.config
+    B, pn, S = logits.shape[0], cfg.patch_nums[si], cfg.num_scales
+    ratio = si / (S - 1) if S > 1 else 0.0
+    filter_top_k_top_p_(logits, params.top_k, params.top_p)
+    idx = sample_tokens(logits, seeds, si) if forced is None else forced  # (B, pn^2)
+    code = quant.embedding(idx)  # (B, pn^2, Cvae)
+    if smooth:
+        weights = smooth_weights(logits, seeds, si, ratio)  # (B, pn^2, V)
+        soft = invariant_linear(weights, quant.embedding.weight.t())  # weights @ codebook: (B, pn^2, Cvae)
+        code = torch.where(params.more_smooth.view(B, 1, 1), soft, code)
+    h_BChw = code.transpose(1, 2).reshape(B, cfg.cvae, pn, pn)  # (B, pn^2, Cv) -> (B, Cv, pn, pn)
+    nxt = quant.next_autoregressive_input(si, f_hat, h_BChw)
+    if si == S - 1:
+        return idx, None
+    pn_next, cur = cfg.patch_nums[si + 1], sum(cfg.scale_tokens[:si + 1])
+    nxt = nxt.view(B, cfg.cvae, -1).transpose(1, 2)  # (B, Cv, pn', pn') -> (B, pn'^2, Cv)
+    return idx, var.word_embed(nxt) + lvl_pos[:, cur:cur + pn_next * pn_next]  # (B, pn'^2, C)
 
 
 @torch.no_grad()

@@ -82,10 +82,8 @@ def cfg_mix(logits: torch.Tensor, cfg: torch.Tensor, ratio: float) -> torch.Tens
 
     t is formed in float64 and rounded once, as the original's Python-float arithmetic does.
     """
-    B = logits.shape[0] // 2
-    t = cfg * ratio  # (B,) float64
-    one_plus_t = (1 + t).to(logits.dtype).view(B, 1, 1)
-    return one_plus_t * logits[:B] - t.to(logits.dtype).view(B, 1, 1) * logits[B:]
+    B, T, V = logits.shape[0] // 2, logits.shape[1], logits.shape[2]
+    return cfg_mix_pairs(logits.view(2, B, T, V).transpose(0, 1), cfg, ratio)  # (2B, T, V) -> (B, 2, T, V) view
 
 
 def cfg_mix_pairs(pairs: torch.Tensor, cfg: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -160,13 +160,6 @@ class Scheduler:
         outcome.seconds = time.perf_counter() - began
         return outcome
 
-    def fail_all(self) -> list[ImageSpec]:
-        """Give back every slot and return every running image (the worker is stopping)."""
-        specs = [spec for c in self.cohorts for spec in c.tags]
-        for c in list(self.cohorts):
-            self._retire(c)
-        return specs
-
     # --- internals ------------------------------------------------------------------------------
     def _start(self, slot: int, specs: list[ImageSpec], order: int) -> Cohort:
         return self.engine.start_cohort(self.manager.pool, slot, [s.label for s in specs], [s.seed for s in specs],

@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 
-from amskv.generate import allocate_cache, decode_images, decode_previews
+from amskv.generate import allocate_cache, decode_images, decode_previews, sample_scale
 from amskv.kvcache.policy import KVPolicy
 from amskv.kvcache.storage import KVCache, KVPool
-from amskv.model.invariant import invariant_linear
 from amskv.model.var import VAR, Packing
 from amskv.model.vqvae import VQVAE
-from amskv.sampling import RowParams, cfg_mix_pairs, filter_top_k_top_p_, sample_tokens, smooth_weights
+from amskv.sampling import RowParams, cfg_mix_pairs
 
 
 @dataclass(eq=False)
@@ -89,7 +88,7 @@ def new_cohort(var: VAR, policy: KVPolicy, pool: KVPool, slot: int, labels: torc
 def run_step(var: VAR, vae: VQVAE, cohorts: list[Cohort], decode_chunk: int = 8) -> StepResult:
     """Advance every cohort by one scale; cohorts that finish their last scale are decoded."""
     began = time.perf_counter()
-    cfg, quant = var.config, vae.quantize
+    cfg = var.config
     S, C, V = cfg.num_scales, cfg.embed_dim, cfg.vocab_size
     spans, xs, conds, caches, first = [], [], [], [], 0
     for c in cohorts:
@@ -109,29 +108,19 @@ def run_step(var: VAR, vae: VQVAE, cohorts: list[Cohort], decode_chunk: int = 8)
     lvl_pos = var.lvl_pos()
     previews, rows_per_scale, finished = [], {}, []
     for c, (t0, rows, length) in zip(cohorts, spans):
-        si, n, pn = c.scale, c.n, cfg.patch_nums[c.scale]
+        si, n = c.scale, c.n
         rows_per_scale[si] = rows_per_scale.get(si, 0) + n
         ratio = si / (S - 1) if S > 1 else 0.0
         pairs = logits[t0:t0 + rows * length].view(n, 2, length, V)  # (2n*L, V) -> (n, 2, L, V)
-        mixed = cfg_mix_pairs(pairs, c.params.cfg, ratio)  # (n, L, V)
-        filter_top_k_top_p_(mixed, c.params.top_k, c.params.top_p)
-        idx = sample_tokens(mixed, c.seeds, si)  # (n, L)
+        idx, nxt = sample_scale(var, vae.quantize, cfg_mix_pairs(pairs, c.params.cfg, ratio), c.seeds, c.params, si,
+                                c.f_hat, lvl_pos, bool(c.params.more_smooth.any()))
         c.tokens.append(idx)
-        code = quant.embedding(idx)  # (n, L, Cvae)
-        if bool(c.params.more_smooth.any()):
-            soft = invariant_linear(smooth_weights(mixed, c.seeds, si, ratio), quant.embedding.weight.t())
-            code = torch.where(c.params.more_smooth.view(n, 1, 1), soft, code)
-        h_BChw = code.transpose(1, 2).reshape(n, cfg.cvae, pn, pn)  # (n, L, Cv) -> (n, Cv, pn, pn)
-        nxt = quant.next_autoregressive_input(si, c.f_hat, h_BChw)
         wanted = [i for i, scales in enumerate(c.previews) if si in scales]
         if wanted:
             index = torch.tensor(wanted, dtype=torch.int64, device=c.f_hat.device)
             images = decode_previews(vae, c.f_hat.index_select(0, index))
             previews += [(c.tags[i], si, image) for i, image in zip(wanted, images)]
-        if si != S - 1:
-            pn_next, cur = cfg.patch_nums[si + 1], sum(cfg.scale_tokens[:si + 1])
-            nxt = nxt.view(n, cfg.cvae, -1).transpose(1, 2)  # (n, Cv, pn', pn') -> (n, pn'^2, Cv)
-            nxt = var.word_embed(nxt) + lvl_pos[:, cur:cur + pn_next * pn_next]  # (n, pn'^2, C)
+        if nxt is not None:
             c.x = nxt.repeat_interleave(2, dim=0)  # (n, pn'^2, C) -> (2n, pn'^2, C): both CFG rows of each image
         c.scale += 1
     if cohorts and cohorts[0].labels.device.type == "cuda":

@@ -13,7 +13,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from server import metrics
@@ -155,21 +155,6 @@ class Batcher:
                 if now >= give_up:
                     return None
                 self._cond.wait(max(wake - now, 0.0005))
-
-    def complete(self, plan: BatchPlan, outputs: Sequence[Any], seconds: float) -> None:
-        """Hand back one output per image of a whole `plan` run as one batch: an image, or its exception."""
-        if len(outputs) != plan.num_images:
-            raise ValueError(f"plan has {plan.num_images} images but {len(outputs)} outputs came back")
-        position = 0
-        for piece in plan.slices:
-            self.note_step({piece.job: piece.count}, plan.num_images, seconds)
-            for k in range(piece.count):
-                output = outputs[position + k]
-                if isinstance(output, BaseException):
-                    self.fail(piece.job, 1, output)
-                else:
-                    self.deliver(piece.job, piece.start + k, output)
-            position += piece.count
 
     def note_step(self, images_by_job: dict[Job, int], step_images: int, seconds: float) -> None:
         """A step ran these jobs' images beside others (``step_images`` in all), for their usage figures."""

@@ -1,7 +1,7 @@
 """Plain data passed between the HTTP layer, the batcher and the worker.
 
 A `Job` is one accepted request, counted in images. The batcher cuts jobs into `BatchSlice`s; a
-`BatchPlan` is the slices of one engine call. The job's `future` is a thread-safe
+`BatchPlan` is the slices admitted together at one scale boundary. The job's `future` is a thread-safe
 `concurrent.futures.Future`: the worker thread resolves it, the event loop awaits it with
 `asyncio.wrap_future`.
 """
@@ -102,22 +102,8 @@ class BatchPlan:
     def num_images(self) -> int:
         return sum(s.count for s in self.slices)
 
-    def labels(self) -> list[int]:
-        return [lab for s in self.slices for lab in s.job.labels[s.start:s.start + s.count]]
-
-    def seeds(self) -> list[int]:
-        return [seed for s in self.slices for seed in s.job.seeds[s.start:s.start + s.count]]
-
-    def params(self) -> list[Any]:
-        return [s.job.params for s in self.slices for _ in range(s.count)]
-
     def images(self) -> list[tuple[int, int, Any, frozenset[int], tuple[Job, int]]]:
         """Per image: (label, seed, params, preview scales, (job, index in the job))."""
         return [(s.job.labels[i], s.job.seeds[i], s.job.params,
                  s.job.preview_scales if s.job.on_preview is not None else frozenset(), (s.job, i))
                 for s in self.slices for i in range(s.start, s.start + s.count)]
-
-    def preview_targets(self) -> list[tuple[Job, int] | None]:
-        """Per image: (job, image index in the job) when its client wants previews, else None."""
-        return [(s.job, s.start + k) if s.job.preview_scales and s.job.on_preview is not None else None
-                for s in self.slices for k in range(s.count)]

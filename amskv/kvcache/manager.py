@@ -39,7 +39,7 @@ class KVState:
     device: str
     budget_bytes: int  # what KV (and, on CUDA, the activations) may use now, the pool included
     reserved_bytes: int  # the KV pool, allocated once
-    used_bytes: int  # the running batch's share of the pool plus any unplanned growth; 0 when idle
+    used_bytes: int  # KV of the slots running images hold (and a whole-batch call's images); 0 when idle
     bytes_per_image: int  # KV bytes of one image under the policy's plan
     activation_reserve_bytes: int  # fixed part of the activation peak (CUDA; 0 on the CPU)
     activation_bytes_per_image: int  # per-image part of the activation peak (CUDA; 0 on the CPU)
@@ -66,7 +66,7 @@ class KVCacheManager:
         self.pool_images = 0
         self.cap = 0
         self._successes = 0
-        self._used = 0
+        self._batch_images = 0  # images of the whole-batch call running now (``generate``)
         self.unplanned_expansions = 0
         self._free_runs: list[tuple[int, int]] = []  # (first slot, count), sorted, never adjacent
 
@@ -127,13 +127,16 @@ class KVCacheManager:
         return max(0, fits)
 
     # --- slots (the scheduler) -----------------------------------------------------------------
+    def _held_slots(self) -> int:
+        return self.pool_images - sum(count for _, count in self._free_runs)
+
     def free_images(self) -> int:
         """Free image slots (0 before warm-up, or when every slot is taken), limited on CUDA by the
         activations that today's free memory holds for one more image."""
-        free = sum(count for _, count in self._free_runs)
+        held = self._held_slots()
+        free = self.pool_images - held
         if self.on_cuda and self.activation_per_image and free:
-            used = self.pool_images - free
-            free = min(free, max(0, self._free_budget() // self.activation_per_image - used))
+            free = min(free, max(0, self._free_budget() // self.activation_per_image - held))
         return free
 
     def step_token_cap(self) -> int | None:
@@ -156,7 +159,6 @@ class KVCacheManager:
             runs.append((first, take))
             self._free_runs[0:1] = [(first + take, count - take)] if take < count else []
             left -= take
-        self._used = self.bytes_per_image * (self.pool_images - sum(c for _, c in self._free_runs))
         return runs
 
     def release(self, first: int, count: int) -> None:
@@ -175,7 +177,6 @@ class KVCacheManager:
         if merged and merged[-1][0] + merged[-1][1] > self.pool_images:
             raise ValueError(f"slots {first}..{first + count} are not in the pool of {self.pool_images}")
         self._free_runs = merged
-        self._used = self.bytes_per_image * (self.pool_images - sum(c for _, c in self._free_runs))
 
     def note_success(self) -> None:
         """A call or step ran without running out of memory: after ``recover_after`` of them the cap doubles."""
@@ -190,12 +191,11 @@ class KVCacheManager:
         when more images are given than the pool holds. ``previews``: the engine's previews= and on_preview=."""
         if self.pool is None or len(labels) > self.pool_images:
             raise ValueError(f"{len(labels)} images exceed the KV pool ({self.pool_images} images)")
-        used = self._used
-        self._used = self.bytes_per_image * len(labels)
+        self._batch_images = len(labels)
         try:
             result = self.engine.generate(list(labels), list(seeds), list(params), pool=self.pool, **previews)
         finally:
-            self._used = used
+            self._batch_images = 0
         self.unplanned_expansions += len(result.unplanned_expansions)
         self.note_success()
         return result
@@ -213,7 +213,8 @@ class KVCacheManager:
         reserved = self.pool.nbytes if self.pool is not None else 0
         return KVState(
             device=str(self.device), budget_bytes=reserved + self._free_budget() if self.on_cuda else self.cpu_budget_bytes,
-            reserved_bytes=reserved, used_bytes=self._used, bytes_per_image=self.bytes_per_image,
+            reserved_bytes=reserved, used_bytes=self.bytes_per_image * (self._held_slots() + self._batch_images),
+            bytes_per_image=self.bytes_per_image,
             activation_reserve_bytes=self.activation_reserve, activation_bytes_per_image=self.activation_per_image,
             pool_images=self.pool_images, cap=self.cap, admissible=self.admissible(),
             unplanned_expansions=self.unplanned_expansions)

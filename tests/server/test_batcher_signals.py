@@ -1,7 +1,7 @@
 """The batcher's scrape-time signals: the age of the oldest queued request and the running request count."""
 from __future__ import annotations
 
-from tests.server.test_batcher import FakeClock, make_batcher, make_job
+from tests.server.test_batcher import FakeClock, complete, make_batcher, make_job
 
 
 def test_oldest_queued_age_follows_the_longest_waiting_request_and_running_counts_requests():
@@ -16,5 +16,5 @@ def test_oldest_queued_age_follows_the_longest_waiting_request_and_running_count
     assert plan is not None and plan.num_images == 2
     assert batcher.running_requests == 1
     assert batcher.oldest_queued_age_s() == 7.0
-    batcher.complete(plan, [object(), object()], 0.1)
+    complete(batcher, plan, [object(), object()], 0.1)
     assert batcher.running_requests == 0
