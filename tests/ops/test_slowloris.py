@@ -11,7 +11,6 @@ import json
 import os
 import re
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from tests.ops.test_configs import COMPOSE, COMPOSE_CPU, resolved
-from tests.server.test_api import free_port
+from tests.server.test_api import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 HALF_SENT, CLOSE_BOUND_S = 300, 30
@@ -57,13 +56,7 @@ class ContainerReplica:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, 60)
 
 
 def status(url: str) -> int | str:
