@@ -52,6 +52,20 @@ def start_worker(engine: Engine, *, budget_images: int = 8, faults: FaultPlan | 
     return batcher, worker
 
 
+def slow_worker(engine: Engine, delay_ms: int, **settings):
+    """A worker whose every step waits ``delay_ms`` first (fault injection), so a test acts while images run."""
+    faults = FaultPlan()
+    faults.update(batch_delay_ms=delay_ms)
+    return start_worker(engine, faults=faults, **settings)
+
+
+def submit_running(batcher: Batcher, images: int, seed: int) -> Job:
+    """Submit a request and wait until its images run."""
+    job = submit(batcher, images, seed=seed)
+    wait_until(lambda: job.status == JobStatus.RUNNING, "the request to start")
+    return job
+
+
 def submit(batcher: Batcher, images: int, first_label: int = 0, seed: int = 100, previews=()) -> Job:
     now = time.monotonic()
     job = Job(id=f"job{first_label}-{seed}", labels=[(first_label + i) % 10 for i in range(images)],
@@ -86,12 +100,9 @@ def test_admission_is_capped_by_the_kv_slots_and_every_image_comes_back(demo):
 
 
 def test_a_request_joins_a_running_one_at_the_next_scale_boundary(demo):
-    faults = FaultPlan()
-    faults.update(batch_delay_ms=30)  # slow steps: the second request arrives while the first runs
-    batcher, worker = start_worker(demo, budget_images=16, faults=faults)
+    batcher, worker = slow_worker(demo, 30, budget_images=16)  # slow steps: the second arrives while the first runs
     try:
-        first = submit(batcher, 8, seed=1)
-        wait_until(lambda: first.status == JobStatus.RUNNING, "the first request to start")
+        first = submit_running(batcher, 8, seed=1)
         second = submit(batcher, 1, first_label=5, seed=2)
         wait_until(lambda: second.status == JobStatus.RUNNING, "the second request to join")
         assert not first.future.done(), "the second request started only after the first ended"
@@ -102,12 +113,9 @@ def test_a_request_joins_a_running_one_at_the_next_scale_boundary(demo):
 
 
 def test_static_scheduler_starts_a_request_only_when_nothing_runs(demo):
-    faults = FaultPlan()
-    faults.update(batch_delay_ms=30)
-    batcher, worker = start_worker(demo, budget_images=16, faults=faults, scheduler="static")
+    batcher, worker = slow_worker(demo, 30, budget_images=16, scheduler="static")
     try:
-        first = submit(batcher, 4, seed=1)
-        wait_until(lambda: first.status == JobStatus.RUNNING, "the first request to start")
+        first = submit_running(batcher, 4, seed=1)
         second = submit(batcher, 1, first_label=5, seed=2)
         time.sleep(0.1)  # several boundaries pass
         assert second.status == JobStatus.QUEUED
@@ -118,16 +126,14 @@ def test_static_scheduler_starts_a_request_only_when_nothing_runs(demo):
 
 
 def test_a_cancelled_request_leaves_at_the_next_boundary_and_frees_its_slots(demo):
-    faults = FaultPlan()
-    faults.update(batch_delay_ms=50)
-    batcher, worker = start_worker(demo, budget_images=64, faults=faults)
+    batcher, worker = slow_worker(demo, 50, budget_images=64)
     cancelled = counter(metrics.IMAGES_CANCELLED)
     try:
         big = submit(batcher, 64, seed=3)
         wait_until(lambda: worker.manager.free_images() == 0, "the 64 images to hold every slot")
         batcher.cancel(big)
         wait_until(lambda: worker.manager.free_images() == 64, "the cancelled images' slots to come back", 5)
-        faults.update(batch_delay_ms=0)
+        worker.faults.update(batch_delay_ms=0)
         small = submit(batcher, 1, seed=4)
         assert same_images(answer(small), reference(demo, small))
         assert counter(metrics.IMAGES_CANCELLED) == cancelled + 64
@@ -152,28 +158,19 @@ def test_out_of_memory_restarts_with_fewer_images_per_step_and_every_request_suc
         worker.stop()
 
 
-def test_out_of_memory_of_a_single_image_fails_only_that_request(demo):
+@pytest.mark.parametrize(("fault", "error", "images"), [
+    ({"oom_calls": 1, "oom_above_images": 0}, OutOfMemory, 1),  # out of memory even for a single image
+    ({"fail_batches": 1}, JobFailed, 2),  # an error in the step
+])
+def test_a_failing_step_fails_only_its_own_request_and_the_worker_goes_on(demo, fault, error, images):
     faults = FaultPlan()
     batcher, worker = start_worker(demo, faults=faults)
     try:
-        faults.update(oom_calls=1, oom_above_images=0)
-        with pytest.raises(OutOfMemory):
-            answer(submit(batcher, 1))
-        assert worker.ready  # an OOM is not fatal
-        assert len(answer(submit(batcher, 1)).images) == 1
-    finally:
-        worker.stop()
-
-
-def test_an_injected_step_error_fails_that_step_only(demo):
-    faults = FaultPlan()
-    batcher, worker = start_worker(demo, faults=faults)
-    try:
-        faults.update(fail_batches=1)
-        with pytest.raises(JobFailed):
-            answer(submit(batcher, 2))
-        assert len(answer(submit(batcher, 2)).images) == 2
-        assert worker.ready
+        faults.update(**fault)
+        with pytest.raises(error):
+            answer(submit(batcher, images))
+        assert worker.ready  # neither is fatal
+        assert len(answer(submit(batcher, images)).images) == images
     finally:
         worker.stop()
 
