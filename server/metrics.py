@@ -144,11 +144,6 @@ KV_POOL_IMAGES = Gauge(
     "amskv_kv_cache_pool_images", "Images the preallocated KV pool holds (the largest admissible batch).",
     registry=REGISTRY,
 )
-KV_UNPLANNED_EXPANSIONS = Counter(
-    "amskv_kv_cache_unplanned_expansions_total",
-    "Online AMS-KV layer expansions the calibration profile did not plan (allocated when they happen).",
-    registry=REGISTRY,
-)
 KV_PROFILE = Gauge(
     "amskv_kv_profile_info", "The KV calibration profile's source; the value is 1 for the live source, else 0.",
     ["source"], registry=REGISTRY,

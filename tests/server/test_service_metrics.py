@@ -38,7 +38,15 @@ EXPECTED = {
     "KV_ACTIVATION_RESERVE": ("amskv_kv_cache_activation_reserve_bytes", "gauge", ()),
     "KV_POOL_IMAGES": ("amskv_kv_cache_pool_images", "gauge", ()),
     "BATCH_CAP": ("amskv_batch_cap_images", "gauge", ()),
-    "KV_UNPLANNED_EXPANSIONS": ("amskv_kv_cache_unplanned_expansions", "counter", ()),
+    "KV_REFUSED_EXPANSIONS": ("amskv_kv_cache_refused_expansions", "counter", ()),
+    "STEP_IMAGES": ("amskv_step_images", "histogram", ()),
+    "STEP_TOKENS": ("amskv_step_tokens", "histogram", ()),
+    "STEP_DURATION": ("amskv_step_duration_seconds", "histogram", ()),
+    "SCALE_IMAGES": ("amskv_scale_images", "counter", ("scale",)),
+    "IMAGES_ADMITTED": ("amskv_images_admitted", "counter", ()),
+    "IMAGES_CANCELLED": ("amskv_images_cancelled", "counter", ()),
+    "FIRST_PREVIEW": ("amskv_time_to_first_preview_seconds", "histogram", ()),
+    "SLOTS_FREE": ("amskv_kv_cache_free_images", "gauge", ()),
     "KV_PROFILE": ("amskv_kv_profile_info", "gauge", ("source",)),
     "KV_PROFILE_DEMANDING_LAYERS": ("amskv_kv_profile_demanding_layers", "gauge", ()),
     "KV_PROFILE_THETA": ("amskv_kv_profile_theta", "gauge", ()),
@@ -80,7 +88,15 @@ def touch_every_metric() -> None:
     metrics.KV_VANILLA_PER_IMAGE.labels(model="var-d16").set(1e7)
     metrics.KV_REDUCTION.set(0.6)
     metrics.KV_USAGE_RATIO.set(0.5)
-    metrics.KV_UNPLANNED_EXPANSIONS.inc()
+    metrics.KV_REFUSED_EXPANSIONS.inc()
+    metrics.STEP_IMAGES.observe(8)
+    metrics.STEP_TOKENS.observe(512)
+    metrics.STEP_DURATION.observe(0.05)
+    metrics.SCALE_IMAGES.labels(scale="0").inc(8)
+    metrics.IMAGES_ADMITTED.inc(8)
+    metrics.IMAGES_CANCELLED.inc(1)
+    metrics.FIRST_PREVIEW.observe(0.02)
+    metrics.SLOTS_FREE.set(56)
     metrics.set_kv_profile("calibrated", 3, 0.71)
     metrics.KV_RESERVED.set(2**28)
     metrics.KV_ACTIVATION_RESERVE.set(2**20)
