@@ -16,6 +16,7 @@ COPY pyproject.toml requirements.lock README*.md ./
 RUN pip install --no-cache-dir -c requirements.lock torch==2.13.0
 COPY amskv ./amskv
 COPY server ./server
+COPY amskv_tools ./amskv_tools
 RUN pip install --no-cache-dir -c requirements.lock . \
     && useradd --create-home --uid 10001 --user-group amskv
 

@@ -4,7 +4,7 @@ Two passes over the same labels and seeds:
 
 - under the ``full`` policy (every earlier scale visible), an observer computes explicit softmax
   probabilities to get the attention density d(i<-j) (the AMS-KV paper's; docs/kv-cache.md §6) and the inter-scale key
-  similarity of every layer and scale (the AMS-KV expansion signal, ``storage.key_similarity``);
+  similarity of every layer and scale (the AMS-KV expansion signal, ``kvcache.similarity.key_similarity``);
 - under the policy being studied, the scales each layer keeps (what every query scale could see).
 
 Calibration turns the similarities into per-layer ``demanding`` flags for ``amskv-static``.
@@ -21,7 +21,7 @@ import torch
 
 from amskv.kvcache.policy import AMSKVPolicy
 from amskv.kvcache.profile import CalibrationProfile
-from amskv.kvcache.storage import key_similarity
+from amskv.kvcache.similarity import key_similarity
 from amskv.memory import plan_kv
 
 HEAD_CHUNK = 8  # heads per probability matrix: bounds the (rows, heads, T, N) float32 temporary

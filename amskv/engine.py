@@ -13,9 +13,10 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 
+from amskv.calibration import AUTO, OFF, CalibrationSettings, ProfileResolution, describe, resolve_profile
 from amskv.config import BUNDLED_MODELS, VAR_PRESETS, VARConfig
+from amskv.device import resolve_device
 from amskv.generate import decode_images, decode_previews, generate_tokens, plan_pool
-from amskv.kvcache.calibration import AUTO, OFF, CalibrationSettings, ProfileResolution, describe, resolve_profile
 from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_policy
 from amskv.kvcache.profile import CalibrationProfile, read_profile
 from amskv.kvcache.storage import KVPool
@@ -80,14 +81,6 @@ def model_name(cfg: VARConfig) -> str:
                 (cfg.depth, cfg.embed_dim, cfg.patch_nums, cfg.num_classes, cfg.vocab_size):
             return preset.name
     return f"var-d{cfg.depth}-w{cfg.embed_dim}"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

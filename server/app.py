@@ -41,7 +41,7 @@ WATCH_INTERVAL_S = 0.5
 def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], Any]:
     def load() -> Any:
         from amskv.engine import Engine  # imported on the inference thread, which owns the device
-        from amskv.kvcache.calibration import CalibrationSettings
+        from amskv.calibration import CalibrationSettings
         return Engine.load(settings.var_checkpoint, settings.vae_checkpoint, model=settings.model,
                            policy=settings.policy, policy_args=settings.policy_args, dtype=dtype, device=device,
                            profile=settings.kv_profile, profile_cache_dir=settings.profile_cache_dir,
@@ -52,7 +52,7 @@ def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    from amskv.kvcache.manager import cuda_available, device_reserved_bytes
+    from amskv.device import cuda_available, device_reserved_bytes
     from amskv.sampling import SamplingParams
     device = settings.resolved_device(cuda_available())
     dtype = settings.resolved_dtype(device)

@@ -20,7 +20,6 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from amskv.commands.common import DefaultsHelpFormatter
 from amskv.config import BUNDLED_MODELS
 from server.protocol import make_protocol_class
 from server.settings import Settings, describe_validation_error, unknown_variables
@@ -36,6 +35,15 @@ EXIT_MARGIN_S = 2.0  # after the worker join (server.worker.WORKER_JOIN_S), for 
 FLAG_FIELDS = {"host": "host", "port": "port", "model": "model", "var": "var_checkpoint", "vae": "vae_checkpoint",
                "policy": "policy", "dtype": "dtype", "device": "device", "max_batch": "max_batch",
                "log_level": "log_level", "kv_profile": "kv_profile", "scheduler": "scheduler"}
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every default; an unset default (None) or an off switch is left to the help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == [] or not action.help:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _env(flag: str, default: object = None) -> str:
@@ -112,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         logger.warning(line)
     import torch
 
-    from amskv.kvcache.manager import cuda_available
+    from amskv.device import cuda_available
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)

@@ -126,7 +126,7 @@ KV_USAGE_RATIO = Gauge(
     "KV bytes of the slots held by running images / the budget (0..1), as of the latest step.", registry=REGISTRY,
 )
 # The KV-cache manager's state (amskv/kvcache/manager.py KVState) and the calibration profile.
-PROFILE_SOURCES = ("calibrated", "cached", "file", "none")  # = amskv.kvcache.calibration.PROFILE_SOURCES
+PROFILE_SOURCES = ("calibrated", "cached", "file", "none")  # = amskv.calibration.PROFILE_SOURCES
 KV_RESERVED = Gauge(
     "amskv_kv_cache_reserved_bytes", "KV pool bytes allocated once at warm-up and reused by every batch.",
     registry=REGISTRY,

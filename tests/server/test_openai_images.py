@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amskv.demo.classifier import load_classifier, predict
+from amskv_tools.demo.classifier import load_classifier, predict
 from tests.server.test_api import SERVER_ENV, Server  # the same real-server harness
 
 SEED = 7

@@ -1,6 +1,6 @@
 """End to end: a real Prometheus scrapes the real service and sees the images it generated.
 
-Starts `python -m amskv.cli serve` (bundled default model, one torch thread) and the `prometheus`
+Starts `python -m amskv_tools.cli serve` (bundled default model, one torch thread) and the `prometheus`
 binary on free loopback ports, sends a few /generate requests, then polls Prometheus' HTTP API until
 amskv_images_generated_total has risen. Both processes are stopped by PID at the end.
 """
@@ -72,7 +72,7 @@ def service(tmp_path) -> Iterator[str]:
         env.pop(name, None)  # the bundled default model on CPU
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "amskv.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "amskv_tools.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"

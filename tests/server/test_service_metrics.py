@@ -1,6 +1,6 @@
 """server.metrics: the metric set the service exports, linted by the real `promtool check metrics`.
 
-(Named test_service_metrics.py, not test_metrics.py: tests/amskv/demo/test_metrics.py already owns that
+(Named test_service_metrics.py, not test_metrics.py: tests/amskv_tools/demo/test_metrics.py already owns that
 basename and the test tree has no __init__.py files, so a second one breaks collection.)
 """
 from __future__ import annotations
