@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from amskv.analysis import calibrate, layer_similarity, online_test_scales
 from amskv.kvcache.policy import AMSKVPolicy
@@ -27,7 +28,8 @@ from amskv.kvcache.similarity import key_similarity
 
 logger = logging.getLogger(__name__)
 
-PROFILE_SOURCES = ("calibrated", "cached", "file", "none")
+ProfileSource = Literal["calibrated", "cached", "file", "none"]
+PROFILE_SOURCES: tuple[ProfileSource, ...] = get_args(ProfileSource)
 AUTO, OFF = "auto", "off"  # the two profile modes that are not a file path
 
 
@@ -57,7 +59,7 @@ class ProfileResolution:
     """Which profile the engine runs with, and where it came from (one of ``PROFILE_SOURCES``)."""
 
     profile: CalibrationProfile | None
-    source: str
+    source: ProfileSource
     path: Path | None = None
     seconds: float = 0.0  # calibration time; 0 unless source == "calibrated"
 

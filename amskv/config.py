@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+# The most images one engine call or step may hold, whatever the memory allows: the released models' largest
+# batch. Settings, the KV manager and the capacity formula all use this one value.
+MAX_IMAGES = 256
+
 PATCH_NUMS_DEMO = (1, 2, 3, 4, 5, 6, 8)
 PATCH_NUMS_MNIST64 = PATCH_NUMS_256  # the released layout: 680 tokens on a 16x16 latent
 

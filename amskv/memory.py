@@ -12,11 +12,10 @@ from typing import Callable
 
 import torch
 
-from amskv.config import VARConfig
+from amskv.config import MAX_IMAGES, VARConfig
 from amskv.kvcache.policy import AMSKVPolicy, KVPolicy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_BATCH = 256
 
 SimilarityOracle = Callable[[int, int], float]  # (layer, scale) -> similarity
 
@@ -149,7 +148,7 @@ def kv_bytes_per_image(cfg: VARConfig, policy: KVPolicy, dtype=torch.bfloat16, c
     return kv_memory(cfg, policy, 1, dtype, cfg_rows).allocated_bytes
 
 
-def max_batch(budget_bytes: int, bytes_per_image: int, cap: int = MAX_BATCH) -> int:
+def max_batch(budget_bytes: int, bytes_per_image: int, cap: int = MAX_IMAGES) -> int:
     """Admissible images for a KV budget: 0 when not even one image fits."""
     if bytes_per_image <= 0:
         return cap

@@ -19,40 +19,82 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
-from amskv.kvcache.policy import AMSKVPolicy
+from amskv.config import VARConfig
+from amskv.kvcache.policy import AMSKVPolicy, KVPolicy
+from amskv.kvcache.storage import KVPool
 from amskv.sampling import SamplingParams
-from amskv.step import Cohort
+from amskv.step import Cohort, StepResult
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER_MODES = ("continuous", "static")
 
+Tag = TypeVar("Tag")  # the caller's handle of an image (the server's: its job and the image's index)
+
+
+class StepEngine(Protocol):
+    """What the scheduler needs of an engine: ``amskv.engine.Engine`` (``server.faults.FaultyEngine`` wraps one)."""
+
+    @property
+    def config(self) -> VARConfig: ...
+
+    @property
+    def policy(self) -> KVPolicy: ...
+
+    def start_cohort(self, pool: KVPool, slot: int, labels: Sequence[int], seeds: Sequence[int],
+                     params: Sequence[SamplingParams], tags: Sequence[Any],
+                     previews: Sequence[Collection[int]] | None = None, order: int = 0) -> Cohort: ...
+
+    def step(self, cohorts: Sequence[Cohort]) -> StepResult: ...
+
+
+class SlotManager(Protocol):
+    """What the scheduler needs of the KV manager (``amskv.kvcache.manager.KVCacheManager``): its slots."""
+
+    @property
+    def pool(self) -> KVPool | None: ...
+
+    @property
+    def cap(self) -> int: ...
+
+    def free_images(self) -> int: ...
+
+    def allocate(self, images: int) -> list[tuple[int, int]]: ...
+
+    def release(self, first: int, count: int) -> None: ...
+
+    def step_token_cap(self) -> int | None: ...
+
+    def note_success(self) -> None: ...
+
+    def note_oom(self, images: int) -> int: ...
+
 
 @dataclass(frozen=True, eq=False)
-class ImageSpec:
+class ImageSpec(Generic[Tag]):
     """One image to generate; ``tag`` is the caller's handle, given back with the image."""
 
     label: int
     seed: int
     params: SamplingParams
-    previews: frozenset[int] = frozenset()
-    tag: Any = None
+    previews: frozenset[int]
+    tag: Tag
 
 
 @dataclass
-class StepOutcome:
+class StepOutcome(Generic[Tag]):
     """What one step did, as plain data: the caller publishes images and turns the stats into metrics."""
 
-    ran: list[ImageSpec] = field(default_factory=list)  # every image the step ran
-    images: list[tuple[ImageSpec, Any]] = field(default_factory=list)  # (spec, uint8 (H, W, C) CPU tensor)
-    previews: list[tuple[ImageSpec, int, Any]] = field(default_factory=list)  # (spec, scale, uint8 (H, W, C))
-    failed: list[ImageSpec] = field(default_factory=list)  # images this step's error ended (see ``error``)
+    ran: list[ImageSpec[Tag]] = field(default_factory=list)  # every image the step ran
+    images: list[tuple[ImageSpec[Tag], torch.Tensor]] = field(default_factory=list)  # (spec, uint8 (H, W, C) CPU)
+    previews: list[tuple[ImageSpec[Tag], int, torch.Tensor]] = field(default_factory=list)  # (spec, scale, image)
+    failed: list[ImageSpec[Tag]] = field(default_factory=list)  # images this step's error ended (see ``error``)
     error: BaseException | None = None  # what failed the step (not an OOM that was retried)
     out_of_memory: bool = False  # the step ran out of memory; its images restart from scale 0
     rows: int = 0  # images the step ran
@@ -66,15 +108,15 @@ class StepOutcome:
     seconds: float = 0.0  # wall time of the whole step
 
 
-class Scheduler:
-    def __init__(self, engine: Any, manager: Any, *, mode: str = "continuous") -> None:
+class Scheduler(Generic[Tag]):
+    def __init__(self, engine: StepEngine, manager: SlotManager, *, mode: str = "continuous") -> None:
         if mode not in SCHEDULER_MODES:
             raise ValueError(f"scheduler mode must be one of {', '.join(SCHEDULER_MODES)}, got {mode!r}")
         self.engine, self.manager, self.mode = engine, manager, mode
         self.cohorts: list[Cohort] = []
         self._order = itertools.count()
         self._admitted = self._cancelled = 0
-        policy = getattr(engine, "policy", None)
+        policy = engine.policy
         # Online AMS-KV decides per layer from the keys of the rows it sees: one image per cohort makes that
         # the image's own keys, so its decisions (and image) do not depend on what it was admitted with.
         self.one_image_cohorts = isinstance(policy, AMSKVPolicy) and policy.demanding is None
@@ -89,7 +131,7 @@ class Scheduler:
             return 0
         return self.manager.free_images()
 
-    def admit(self, images: Sequence[ImageSpec]) -> int:
+    def admit(self, images: Sequence[ImageSpec[Tag]]) -> int:
         """Start as many of ``images`` as there are free slots (in order); returns how many started."""
         runs = self.manager.allocate(len(images))
         order, started = next(self._order), 0
@@ -102,9 +144,9 @@ class Scheduler:
         self._admitted += started
         return started
 
-    def drop(self, is_cancelled: Callable[[ImageSpec], bool]) -> list[ImageSpec]:
+    def drop(self, is_cancelled: Callable[[ImageSpec[Tag]], bool]) -> list[ImageSpec[Tag]]:
         """Remove running images whose request is gone; their slots come back now. Returns them."""
-        dropped: list[ImageSpec] = []
+        dropped: list[ImageSpec[Tag]] = []
         kept: list[Cohort] = []
         for c in self.cohorts:
             gone = [is_cancelled(spec) for spec in c.tags]
@@ -124,11 +166,11 @@ class Scheduler:
         self._cancelled += len(dropped)
         return dropped
 
-    def step(self) -> StepOutcome:
+    def step(self) -> StepOutcome[Tag]:
         """Run one scale for the running images: all of them, or the oldest that the OOM cap and the step's
         token budget allow."""
         chosen = self._choose(max(1, self.manager.cap), self.manager.step_token_cap())
-        outcome = StepOutcome(admitted=self._admitted, cancelled=self._cancelled)
+        outcome: StepOutcome[Tag] = StepOutcome(admitted=self._admitted, cancelled=self._cancelled)
         self._admitted = self._cancelled = 0
         if not chosen:
             return outcome
@@ -161,14 +203,15 @@ class Scheduler:
         return outcome
 
     # --- internals ------------------------------------------------------------------------------
-    def _start(self, slot: int, specs: list[ImageSpec], order: int) -> Cohort:
+    def _start(self, slot: int, specs: list[ImageSpec[Tag]], order: int) -> Cohort:
         return self.engine.start_cohort(self.manager.pool, slot, [s.label for s in specs], [s.seed for s in specs],
                                         [s.params for s in specs], specs, [s.previews for s in specs], order)
 
     def _choose(self, cap: int, token_cap: int | None = None) -> list[Cohort]:
         """The oldest cohorts up to ``cap`` images and ``token_cap`` sequence tokens (the step's activations;
         None: unbounded); a cohort larger than what is left is split to fit. The oldest always runs."""
-        chosen, left, tokens_left = [], cap, token_cap
+        chosen: list[Cohort] = []
+        left, tokens_left = cap, token_cap
         for c in sorted(self.cohorts, key=lambda c: c.order):
             per_image = 2 * self.engine.config.scale_tokens[c.scale]
             fits = min(left, c.n if tokens_left is None else tokens_left // per_image)
@@ -190,7 +233,7 @@ class Scheduler:
         self.cohorts.remove(cohort)
         self.manager.release(cohort.slot, cohort.n)
 
-    def _after_oom(self, chosen: list[Cohort], outcome: StepOutcome, began: float) -> StepOutcome:
+    def _after_oom(self, chosen: list[Cohort], outcome: StepOutcome[Tag], began: float) -> StepOutcome[Tag]:
         images = sum(c.n for c in chosen)
         cap = self.manager.note_oom(images)
         outcome.out_of_memory = True

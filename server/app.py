@@ -13,9 +13,11 @@ import os
 import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
+
+from amskv.calibration import CalibrationSettings
+from amskv.engine import Engine
 
 from server import metrics
 from server.batcher import Batcher
@@ -38,10 +40,9 @@ FATAL_EXIT = 70  # EX_SOFTWARE: the worker died, stalled, hit a CUDA error or fa
 WATCH_INTERVAL_S = 0.5
 
 
-def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], Any]:
-    def load() -> Any:
-        from amskv.engine import Engine  # imported on the inference thread, which owns the device
-        from amskv.calibration import CalibrationSettings
+def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], Engine]:
+    def load() -> Engine:
+        # runs on the inference thread, which owns the device
         return Engine.load(settings.var_checkpoint, settings.vae_checkpoint, model=settings.model,
                            policy=settings.policy, policy_args=settings.policy_args, dtype=dtype, device=device,
                            profile=settings.kv_profile, profile_cache_dir=settings.profile_cache_dir,
@@ -58,8 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     dtype = settings.resolved_dtype(device)
 
     def make_worker(batcher: Batcher, faults: FaultPlan | None) -> InferenceWorker:
-        return InferenceWorker(settings, batcher, _engine_loader(settings, device, dtype), dtype=dtype,
-                               faults=faults, warmup_params=SamplingParams())
+        return InferenceWorker(settings, batcher, _engine_loader(settings, device, dtype), faults=faults,
+                               warmup_params=SamplingParams())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

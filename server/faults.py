@@ -18,10 +18,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
+
+from amskv.config import VARConfig
+from amskv.engine import Engine
+from amskv.kvcache.policy import KVPolicy
+from amskv.kvcache.storage import KVPool
+from amskv.sampling import SamplingParams
+from amskv.step import Cohort, StepResult
+from server.jobs import BatchPlan
 
 logger = logging.getLogger(__name__)
 
@@ -100,31 +108,41 @@ class FaultPlan:
 class FaultyEngine:
     """The engine with ``plan``'s faults before every step; everything else passes through unchanged."""
 
-    def __init__(self, engine: Any, plan: FaultPlan) -> None:
+    def __init__(self, engine: Engine, plan: FaultPlan) -> None:
         self._engine, self._plan = engine, plan
 
-    def step(self, cohorts: Any) -> Any:
+    @property
+    def config(self) -> VARConfig:
+        return self._engine.config
+
+    @property
+    def policy(self) -> KVPolicy:
+        return self._engine.policy
+
+    def start_cohort(self, pool: KVPool, slot: int, labels: Sequence[int], seeds: Sequence[int],
+                     params: Sequence[SamplingParams], tags: Sequence[object],
+                     previews: Sequence[Collection[int]] | None = None, order: int = 0) -> Cohort:
+        return self._engine.start_cohort(pool, slot, labels, seeds, params, tags, previews, order)
+
+    def step(self, cohorts: Sequence[Cohort]) -> StepResult:
         self._plan.before_step(sum(c.n for c in cohorts))
         return self._engine.step(cohorts)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
 
-
-def delayed_load(load_engine: Callable[[], Any], plan: FaultPlan, delay_s: float) -> Callable[[], Any]:
+def delayed_load(load_engine: Callable[[], Engine], plan: FaultPlan, delay_s: float) -> Callable[[], Engine]:
     """The engine loader, ``delay_s`` slower (``AMSKV_FAULT_LOAD_DELAY_S``: a slow start-up); stopping ends it."""
-    def load() -> Any:
+    def load() -> Engine:
         if delay_s and plan._stopped.wait(delay_s):
             raise RuntimeError("stopped before the engine loaded")
         return load_engine()
     return load
 
 
-def held(take_batch: Callable[..., Any], plan: FaultPlan) -> Callable[..., Any]:
+def held(take_batch: Callable[..., BatchPlan | None], plan: FaultPlan) -> Callable[..., BatchPlan | None]:
     """The queue's ``take_batch`` that admits nothing while ``plan`` holds (``hold_until_queued_images``), and
     that ends the thread on ``kill_worker`` even when no image runs (an idle worker only waits here)."""
-    def take(max_images: int, timeout_s: float, **kwargs: Any) -> Any:
+    def take(max_images: int, timeout_s: float, immediate: bool = False) -> BatchPlan | None:
         if plan.kill_worker:
             raise WorkerKilled("inference thread killed by fault injection")
-        return take_batch(max_images, timeout_s, hold=plan.holds, **kwargs)
+        return take_batch(max_images, timeout_s, hold=plan.holds, immediate=immediate)
     return take

@@ -21,6 +21,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from amskv.calibration import PROFILE_SOURCES
+from amskv.engine import EngineInfo
+
 # The `_created` series double the number of series per counter/histogram and no dashboard uses them
 # (same effect as PROMETHEUS_DISABLE_CREATED_SERIES=True). Must run before any metric is created.
 prometheus_client.disable_created_metrics()
@@ -36,6 +39,11 @@ PlatformCollector(registry=REGISTRY)
 # Closed label value sets, exported so callers and tests can pre-initialise or validate them.
 REJECT_REASONS = ("queue_full", "too_many_images", "draining", "invalid", "not_ready", "body_too_large",
                   "unsupported_media_type")
+# The error code a refused request is answered with -> its reason; any other 4xx code is "invalid".
+# server/errors.py counts every refusal through reject_reason (worker_dead: not ready to serve, for good).
+REJECT_REASON_BY_CODE = {"queue_full": "queue_full", "too_many_images": "too_many_images", "draining": "draining",
+                         "not_ready": "not_ready", "worker_dead": "not_ready", "body_too_large": "body_too_large",
+                         "unsupported_media_type": "unsupported_media_type"}
 # The two paths of the generate endpoint (the `endpoint` label of the request metrics).
 GENERATE_ENDPOINTS = ("/v1/generate", "/generate", "/v1/images/generations")  # the last: OpenAI's Images API
 CANCEL_STAGES = ("queued", "running")
@@ -126,7 +134,6 @@ KV_USAGE_RATIO = Gauge(
     "KV bytes of the slots held by running images / the budget (0..1), as of the latest step.", registry=REGISTRY,
 )
 # The KV-cache manager's state (amskv/kvcache/manager.py KVState) and the calibration profile.
-PROFILE_SOURCES = ("calibrated", "cached", "file", "none")  # = amskv.calibration.PROFILE_SOURCES
 KV_RESERVED = Gauge(
     "amskv_kv_cache_reserved_bytes", "KV pool bytes allocated once at warm-up and reused by every batch.",
     registry=REGISTRY,
@@ -271,6 +278,14 @@ for _endpoint in GENERATE_ENDPOINTS:
     REQUEST_DURATION.labels(endpoint=_endpoint)
 
 
+def reject_reason(code: str, status: int) -> str | None:
+    """The ``reason`` label of a request refused with this error code and status; None for a 5xx that is not
+    a refusal (an internal error is counted by its status in amskv_requests_total only)."""
+    if code in REJECT_REASON_BY_CODE:
+        return REJECT_REASON_BY_CODE[code]
+    return "invalid" if 400 <= status < 500 else None
+
+
 def watch_service(max_batch: int, oldest_queued_age_s, running_requests, device_memory_bytes=None) -> None:
     """Bind the gauges read at scrape time to the live service (callables), and the configured batch cap."""
     BATCH_MAX_CONFIGURED.set(max_batch)
@@ -295,16 +310,15 @@ def set_kv_profile(source: str, demanding_layers: int, theta: float | None) -> N
     KV_PROFILE_THETA.set(float("nan") if theta is None else theta)
 
 
-def start_model_info(info, num_scales: int) -> None:
-    """What the loaded engine is (server.worker.EngineInfo): per-image KV figures, profile, per-scale series."""
-    start_scale_series(num_scales)
+def start_model_info(info: EngineInfo) -> None:
+    """What the loaded engine is: per-image KV figures, profile, per-scale series."""
+    start_scale_series(len(info.scales))
     KV_PER_IMAGE.labels(model=info.model_name).set(info.kv_bytes_per_image)
     KV_VANILLA_PER_IMAGE.labels(model=info.model_name).set(info.vanilla_kv_bytes_per_image)
     if info.vanilla_kv_bytes_per_image:
         KV_REDUCTION.set(1 - info.kv_bytes_per_image / info.vanilla_kv_bytes_per_image)
-    if info.kv_cache:
-        kv = info.kv_cache
-        set_kv_profile(kv["profile_source"], len(kv["demanding_layers"]), kv["theta"])
+    kv = info.kv_cache
+    set_kv_profile(kv.profile_source, len(kv.demanding_layers), kv.theta)
 
 
 def record_step(outcome, state) -> None:

@@ -14,11 +14,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from amskv.config import MAX_IMAGES as MAX_BATCH_CEILING  # the one ceiling, amskv.config.MAX_IMAGES
 from amskv.kvcache.policy import DEFAULT_POLICY
 
 GIB = 2**30
-# Hard ceiling on images in one engine call, whatever the memory would allow (the released models' largest batch, 256).
-MAX_BATCH_CEILING = 256
 
 
 class Settings(BaseSettings):
@@ -60,7 +59,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(MAX_BATCH_CEILING, ge=1, le=MAX_BATCH_CEILING)
     max_queue_delay_ms: float = Field(10.0, ge=0, le=60_000)
     max_queue_images: int = Field(1024, ge=1)
-    max_images_per_request: int = Field(256, ge=1, le=MAX_BATCH_CEILING)
+    max_images_per_request: int = Field(MAX_BATCH_CEILING, ge=1, le=MAX_BATCH_CEILING)
     request_timeout_s: float = Field(120.0, gt=0)
     # At least one full batch of the served model (docs/deploy.md, "Lifecycle timing"): d16 at 256 images
     # takes ~10 s on an H100-class GPU, d30 ~35 s; the compose and Kubernetes grace periods follow from it.

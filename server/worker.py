@@ -14,13 +14,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from amskv.engine import Engine, EngineInfo
 from amskv.kvcache.manager import KVCacheManager
-from amskv.scheduler import ImageSpec, Scheduler, StepOutcome
+from amskv.sampling import SamplingParams
+from amskv.scheduler import ImageSpec, Scheduler, StepEngine, StepOutcome
 from server import metrics
 from server.batcher import Batcher
 from server.errors import JobFailed, OutOfMemory, Unavailable
@@ -32,22 +32,6 @@ logger = logging.getLogger(__name__)
 
 WORKER_JOIN_S = 10.0  # shutdown waits this long for the running step after the drain (docs/deploy.md)
 IDLE_POLL_S = 0.25  # how often an idle loop re-reads the budget and checks for stop/faults
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model_name: str
-    num_classes: int
-    resolution: int
-    channels: int
-    policy: str
-    dtype: str
-    device: str
-    kv_bytes_per_image: int
-    vanilla_kv_bytes_per_image: int
-    vocab_size: int | None
-    kv_cache: dict[str, Any] = field(default_factory=dict)  # Engine.kv_cache_info(): policy and profile
-    scales: tuple[int, ...] = ()  # patch_nums: side of each scale's token map (previews count them)
 
 
 class FatalWorkerError(Exception):
@@ -62,18 +46,20 @@ def is_cuda_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
-def job_of(spec: ImageSpec) -> Job:
+JobImage = tuple[Job, int]  # a scheduled image's tag: its job and its index in the job
+
+
+def job_of(spec: ImageSpec[JobImage]) -> Job:
     return spec.tag[0]
 
 
 class InferenceWorker:
-    def __init__(self, settings: Settings, batcher: Batcher, load_engine: Callable[[], Any], *,
-                 dtype: str, faults: FaultPlan | None = None, warmup_params: Any = None) -> None:
+    def __init__(self, settings: Settings, batcher: Batcher, load_engine: Callable[[], Engine], *,
+                 faults: FaultPlan | None = None, warmup_params: SamplingParams | None = None) -> None:
         self.settings = settings
         self.batcher = batcher
         self.faults = faults
-        self._dtype = dtype
-        self._warmup_params = warmup_params
+        self._warmup_params = warmup_params or SamplingParams()
         # Fault injection is installed here, once, as wrappers (server/faults.py); the loop has one code path.
         self._load_engine = load_engine if faults is None else delayed_load(load_engine, faults,
                                                                              settings.fault_load_delay_s)
@@ -87,7 +73,7 @@ class InferenceWorker:
         self.heartbeat = time.monotonic()  # the loop's latest turn; it goes stale only while one step runs
         self._consecutive_failures = 0
         self.manager: KVCacheManager | None = None  # made on this thread after loading
-        self.scheduler: Scheduler | None = None
+        self.scheduler: Scheduler[JobImage] | None = None
         self.info: EngineInfo | None = None
         self.max_images = 0  # the most images one step may run (the pool after OOM back-off)
         self.free_images = 0  # KV slots free at the latest boundary: images that could start now
@@ -133,10 +119,12 @@ class InferenceWorker:
             self._started.set()
             return
         self._started.set()
+        scheduler, manager = self.scheduler, self.manager
+        assert scheduler is not None and manager is not None  # _warm_up made them
         try:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
-                self._turn()
+                self._turn(scheduler, manager)
         except BaseException as exc:
             logger.exception("the inference thread died; the server stops accepting work")
             self.death_reason = f"the inference worker died: {exc}"
@@ -146,48 +134,42 @@ class InferenceWorker:
             self.batcher.close(Unavailable("the inference worker died; the server needs a restart",
                                            code="worker_dead", retry_after_s=30))
 
-    def _warm_up(self, engine: Any) -> None:
-        self.manager = KVCacheManager(engine, max_batch=self.settings.max_batch,
+    def _warm_up(self, engine: Engine) -> None:
+        manager = self.manager = KVCacheManager(engine, max_batch=self.settings.max_batch,
                                       cpu_budget_bytes=self.settings.cpu_kv_budget_bytes,
                                       gpu_mem_fraction=self.settings.gpu_mem_fraction,
                                       # the setting counts whole generations; the manager counts steps
                                       recover_after=self.settings.oom_recover_batches * engine.config.num_scales)
-        self.manager.warm_up(self._warmup_params)
-        stepper = engine if self.faults is None else FaultyEngine(engine, self.faults)
-        self.scheduler = Scheduler(stepper, self.manager, mode=self.settings.scheduler)
-        kv_cache = engine.kv_cache_info()
-        self.info = EngineInfo(
-            model_name=engine.model_name, num_classes=engine.num_classes, resolution=engine.resolution,
-            channels=engine.channels, policy=engine.policy_name, dtype=self._dtype, device=str(engine.device),
-            kv_bytes_per_image=engine.kv_bytes_per_image(),
-            vanilla_kv_bytes_per_image=engine.vanilla_kv_bytes_per_image(),
-            vocab_size=engine.config.vocab_size, kv_cache=kv_cache, scales=tuple(engine.config.patch_nums))
-        self._publish_room()
-        metrics.start_model_info(self.info, len(self.info.scales))
-        state = self.manager.state()
+        manager.warm_up(self._warmup_params)
+        stepper: StepEngine = engine if self.faults is None else FaultyEngine(engine, self.faults)
+        scheduler = self.scheduler = Scheduler(stepper, manager, mode=self.settings.scheduler)
+        info = engine.info()
+        self._publish_room(scheduler, manager)
+        metrics.start_model_info(info)
+        state = manager.state()
         logger.info("model %s, policy %s, %s on %s: KV %.2f MiB per image (vanilla %.2f MiB); budget %.2f GiB; "
                     "KV pool %.2f MiB for %d images; activation reserve %.1f MiB; scheduler %s",
-                    self.info.model_name, self.info.policy, self._dtype, engine.device,
-                    self.info.kv_bytes_per_image / 2**20, self.info.vanilla_kv_bytes_per_image / 2**20,
+                    info.model_name, info.policy, info.dtype, info.device,
+                    info.kv_bytes_per_image / 2**20, info.vanilla_kv_bytes_per_image / 2**20,
                     state.budget_bytes / 2**30, state.reserved_bytes / 2**20, state.pool_images,
                     state.activation_reserve_bytes / 2**20, self.settings.scheduler)
-        logger.info("KV profile %s: theta %s, demanding layers %s", kv_cache["profile_source"],
-                    kv_cache["theta"], kv_cache["demanding_layers"])
+        logger.info("KV profile %s: theta %s, demanding layers %s", info.kv_cache.profile_source,
+                    info.kv_cache.theta, list(info.kv_cache.demanding_layers))
+        self.info = info  # last: ``ready`` turns true with it
 
-    def _publish_room(self) -> int:
+    def _publish_room(self, scheduler: Scheduler[JobImage], manager: KVCacheManager) -> int:
         """Images that may start now (0 = no room), published with the rest of the manager's state."""
-        room, state = self.scheduler.room(), self.manager.state()
+        room, state = scheduler.room(), manager.state()
         self.max_images, self.free_images = state.admissible, room
         metrics.publish_kv_state(state, room)
         return room
 
-    def _turn(self) -> None:
+    def _turn(self, scheduler: Scheduler[JobImage], manager: KVCacheManager) -> None:
         """One scale boundary: drop, admit, step."""
-        scheduler = self.scheduler
         for job, count in Counter(job_of(s) for s in scheduler.drop(lambda s: job_of(s).status.is_finished())).items():
             self.batcher.dropped(job, count)
         running = scheduler.running_images
-        room = self._publish_room()
+        room = self._publish_room(scheduler, manager)
         if room:
             plan = self._take(room, timeout_s=0 if running else IDLE_POLL_S, immediate=running > 0)
             if plan is not None:
@@ -198,12 +180,12 @@ class InferenceWorker:
             return
         metrics.BATCH_RUNNING.set(scheduler.running_images)  # before the step: a slow step shows what it runs
         if scheduler.running_images:
-            self._publish(scheduler.step())
+            self._publish(scheduler.step(), manager)
             metrics.BATCH_RUNNING.set(scheduler.running_images)
 
-    def _publish(self, outcome: StepOutcome) -> None:
+    def _publish(self, outcome: StepOutcome[JobImage], manager: KVCacheManager) -> None:
         """Hand a step's previews, images and failures to their jobs, and record its metrics."""
-        metrics.record_step(outcome, self.manager.state())
+        metrics.record_step(outcome, manager.state())
         self.batcher.note_step(Counter(job_of(s) for s in outcome.ran), outcome.rows, outcome.seconds)
         now = time.monotonic()
         for spec, scale, image in outcome.previews:
@@ -226,7 +208,7 @@ class InferenceWorker:
         elif not outcome.out_of_memory:
             self._consecutive_failures = 0
 
-    def _fail(self, outcome: StepOutcome) -> None:
+    def _fail(self, outcome: StepOutcome[JobImage]) -> None:
         exc = outcome.error
         if isinstance(exc, torch.OutOfMemoryError):
             error: Exception = OutOfMemory("out of device memory even for a single image")

@@ -20,6 +20,7 @@ import httpx
 import torch
 
 from amskv_tools.bench.common import MIB, Report, demo_engine, md_table, median
+from amskv.memory import max_batch
 from amskv.sampling import SamplingParams
 
 GIB = 2**30
@@ -189,7 +190,7 @@ def run_suite(tiny: bool = False, rounds: int | None = None, port: int = 0) -> R
         for policy, srv in servers.items():
             # the engine as the server loads it: the bundled demo's amskv policies come with its profile
             eng = demo_engine(policy)[0] if ckpts is None else engine.with_policy(policy)
-            row = {"policy": policy, "engine_max_batch": eng.max_batch(budget)}
+            row = {"policy": policy, "engine_max_batch": max_batch(budget, eng.kv_bytes_per_image())}
             row["overhead"] = overhead(srv, eng, min(batch, row["engine_max_batch"]), rounds or (1 if tiny else 3))
             in_flight = 2 * row["engine_max_batch"]  # twice what one batch can take: the queue never empties
             per_request = max(1, min(8, in_flight // 8))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from amskv_tools.bench.common import MIB, Plot, Report, demo_engine, interleaved, md_table, median
+from amskv.memory import max_batch
 from amskv.sampling import SamplingParams
 
 POLICIES = (("vanilla", "vanilla", {}), ("full", "full", {}), ("amskv default", "amskv", {}),
@@ -32,7 +33,7 @@ def run_suite(tiny: bool = False, rounds: int | None = None) -> Report:
     rows: list[dict] = []
     last: dict[str, tuple[int, float]] = {}  # policy -> (batch, seconds) last measured
     for batch in batches:
-        plan = {label: min(batch, e.max_batch(budget, cap=256)) for label, e in engines.items()}
+        plan = {label: min(batch, max_batch(budget, e.kv_bytes_per_image())) for label, e in engines.items()}
         todo = {label: n for label, n in plan.items() if n > 0 and last.get(label, (0, 0))[0] != n}
 
         def call(engine, n):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.routes.deps import ServiceDep
-from server.schemas import ClassInfo, ClassList, KVCacheCard, ModelCard, ModelList, QueueStatus
+from server.schemas import ClassInfo, ClassList, ModelCard, ModelList, QueueStatus
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -13,12 +13,7 @@ router = APIRouter(prefix="/v1", tags=["models"])
 async def models(service: ServiceDep) -> ModelList:
     service.require_loaded()
     info = service.worker.info
-    return ModelList(data=[ModelCard(
-        id=info.model_name, num_classes=info.num_classes, resolution=info.resolution,
-        channels=info.channels, policy=info.policy, dtype=info.dtype, device=info.device,
-        kv_bytes_per_image=info.kv_bytes_per_image,
-        vanilla_kv_bytes_per_image=info.vanilla_kv_bytes_per_image, max_batch=service.worker.max_images,
-        kv_cache=KVCacheCard(**info.kv_cache) if info.kv_cache else None)])
+    return ModelList(data=[ModelCard.from_info(info, max_batch=service.worker.max_images)])
 
 
 @router.get("/classes", response_model=ClassList)

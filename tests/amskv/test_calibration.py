@@ -32,9 +32,9 @@ def test_golden_model_is_calibrated_at_load_by_the_documented_rule(calibrated):
     assert profile.demanding[ranking(profile.layer_similarity)[0]]
     assert engine.policy.demanding == profile.demanding and engine.demanding_layers() == \
         [i for i, d in enumerate(profile.demanding) if d]
-    info = engine.kv_cache_info()
-    assert info["profile_source"] == "calibrated" and info["theta"] == profile.theta
-    assert info["bytes_per_image"] < engine.with_policy("amskv-static").kv_bytes_per_image()  # not all demanding
+    info = engine.info().kv_cache
+    assert info.profile_source == "calibrated" and info.theta == profile.theta
+    assert info.bytes_per_image < engine.with_policy("amskv-static").kv_bytes_per_image()  # not all demanding
     files = list(cache.glob("*.json"))
     assert len(files) == 1 and read_profile(files[0]).demanding == profile.demanding
 
@@ -130,15 +130,15 @@ def test_a_bad_explicit_profile_ends_generate_with_one_line_and_no_traceback(tmp
 
 def test_profile_off_file_and_bundled_sources(golden_dir, tmp_path):
     off = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static", profile="off")
-    assert off.kv_cache_info()["profile_source"] == "none" and off.demanding_layers() == [0, 1]
+    assert off.info().kv_cache.profile_source == "none" and off.demanding_layers() == [0, 1]
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"format": "amskv-profile/1", "depth": 2, "demanding": [False, True], "theta": 0.5}))
     given = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static", profile=path)
-    assert given.kv_cache_info()["profile_source"] == "file" and given.demanding_layers() == [1]
+    assert given.info().kv_cache.profile_source == "file" and given.demanding_layers() == [1]
     demo = Engine.load(policy="amskv-static")
-    assert demo.kv_cache_info()["profile_source"] == "file" and demo.demanding_layers() == [0]
+    assert demo.info().kv_cache.profile_source == "file" and demo.demanding_layers() == [0]
     full = Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="full")
-    assert full.kv_cache_info()["profile_source"] == "none" and full.demanding_layers() == []
+    assert full.info().kv_cache.profile_source == "none" and full.demanding_layers() == []
     path.write_text(json.dumps({"format": "amskv-profile/1", "demanding": [True, False, True]}))
     with pytest.raises(ValueError, match="3 layers but the model has 2"):
         Engine.load(golden_dir / "tiny_var.pth", golden_dir / "vae.pth", policy="amskv-static", profile=path)

@@ -19,7 +19,7 @@ from server.faults import FaultPlan
 from server.jobs import Job, JobStatus
 from server.settings import Settings
 from server.worker import InferenceWorker
-from tests.server.test_batcher import answer as batcher_answer, counter, wait_until as batcher_wait_until
+from tests.fakes import answer as batcher_answer, counter, wait_until as batcher_wait_until
 
 WAIT_S = 60  # every wait is bounded: a deadlock fails the test instead of hanging it
 PARAMS = SamplingParams(cfg=3.0, top_k=50, top_p=0.9)
@@ -45,7 +45,7 @@ def start_worker(engine: Engine, *, budget_images: int = 8, faults: FaultPlan | 
     settings = Settings(kv_budget_gib=budget_images * kv / 2**30, max_queue_images=512, scheduler=scheduler,
                         max_images_per_request=256, **settings)
     batcher = Batcher(max_queue_images=512, max_queue_delay_s=0.0)
-    worker = InferenceWorker(settings, batcher, lambda: engine, dtype="fp32", faults=faults,
+    worker = InferenceWorker(settings, batcher, lambda: engine, faults=faults,
                              warmup_params=SamplingParams())
     worker.start()
     worker.wait_started(WAIT_S)
@@ -228,7 +228,7 @@ def counter_count(histogram) -> float:
 
 def test_budget_too_small_for_one_image_stops_start_up(demo):
     worker = InferenceWorker(Settings(kv_budget_gib=1 / 2**30), Batcher(max_queue_images=8, max_queue_delay_s=0),
-                             lambda: demo, dtype="fp32", warmup_params=SamplingParams())
+                             lambda: demo, warmup_params=SamplingParams())
     worker.start()
     with pytest.raises(ValueError, match="holds no image"):
         worker.wait_started(WAIT_S)

@@ -115,7 +115,7 @@ def test_in_the_schedulers_slots_an_unplanned_expansion_is_refused_and_nothing_g
     manager.warm_up(PARAMS)
     pointers = [t.data_ptr() for t in manager.pool.k + manager.pool.v]
     scheduler = Scheduler(planned, manager)
-    scheduler.admit([ImageSpec(3, 0, PARAMS), ImageSpec(4, 1, PARAMS)])
+    scheduler.admit([ImageSpec(3, 0, PARAMS, frozenset(), 0), ImageSpec(4, 1, PARAMS, frozenset(), 1)])
     refused, cohorts = 0, list(scheduler.cohorts)
     while scheduler.cohorts:
         refused += scheduler.step().refused_expansions
