@@ -64,9 +64,9 @@ def plan_kv(policy: KVPolicy, patch_nums: tuple[int, ...], depth: int,
             capacities[layer] = max(capacities[layer], stored[layer])
             peak_sum = max(peak_sum, sum(stored))
         kept_log.append(tuple(tuple(s.kept) for s in states))
-    capacities, workspace = _place_working_sets(capacities, working)
+    placed, workspace = _place_working_sets(capacities, working)
     expanded = {i: s.expanded_at for i, s in enumerate(states) if s.expanded_at is not None}
-    return KVPlan(tuple(capacities), workspace, tuple(working), peak_sum, tuple(kept_log), expanded)
+    return KVPlan(placed, workspace, tuple(working), peak_sum, tuple(kept_log), expanded)
 
 
 def _place_working_sets(kept_peak: list[int], working: list[int]) -> tuple[tuple[int, ...], int]:
@@ -77,10 +77,11 @@ def _place_working_sets(kept_peak: list[int], working: list[int]) -> tuple[tuple
     needs = sorted({w for k, w in zip(kept_peak, working) if w > k})
     best = None
     for ws in [0] + needs:
-        caps = tuple(k if w <= k or w <= ws else w for k, w in zip(kept_peak, working))
+        caps = tuple(k if w <= k or w <= ws else w for k, w in zip(kept_peak, working, strict=True))
         total = sum(caps) + ws
         if best is None or total < best[0]:
             best = (total, caps, ws)
+    assert best is not None  # the loop ran at least once (ws = 0 is always a candidate)
     return best[1], best[2]
 
 
@@ -130,7 +131,7 @@ def kv_memory(cfg: VARConfig, policy: KVPolicy, batch: int, dtype: torch.dtype |
     """KV bytes for ``batch`` images. For online ``amskv`` the default oracle gives the worst case (or, with
     a profile, the profile's plan: an expansion beyond it is allocated on the spot and is not counted here);
     an ``amskv-static`` policy (per-layer flags) needs no oracle: its figure is exact before the batch runs."""
-    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     plan = plan_kv(policy, cfg.patch_nums, cfg.depth, similarity)
     tb = token_bytes(cfg, batch, dtype, cfg_rows)
     name = next(k for k, v in DTYPES.items() if v == dtype)

@@ -204,7 +204,10 @@ class Scheduler(Generic[Tag]):
 
     # --- internals ------------------------------------------------------------------------------
     def _start(self, slot: int, specs: list[ImageSpec[Tag]], order: int) -> Cohort:
-        return self.engine.start_cohort(self.manager.pool, slot, [s.label for s in specs], [s.seed for s in specs],
+        pool = self.manager.pool
+        if pool is None:
+            raise RuntimeError("the KV manager has no pool yet: warm it up before admitting images")
+        return self.engine.start_cohort(pool, slot, [s.label for s in specs], [s.seed for s in specs],
                                         [s.params for s in specs], specs, [s.previews for s in specs], order)
 
     def _choose(self, cap: int, token_cap: int | None = None) -> list[Cohort]:

@@ -46,6 +46,7 @@ def _engine_loader(settings: Settings, device: str, dtype: str) -> Callable[[], 
         return Engine.load(settings.var_checkpoint, settings.vae_checkpoint, model=settings.model,
                            policy=settings.policy, policy_args=settings.policy_args, dtype=dtype, device=device,
                            profile=settings.kv_profile, profile_cache_dir=settings.profile_cache_dir,
+                           batch_invariant=settings.batch_invariant,
                            calibration=CalibrationSettings(images=settings.calibration_images,
                                                            time_limit_s=settings.calibration_max_s))
     return load
@@ -118,6 +119,7 @@ async def _start_then_watch(app: FastAPI, service: Service) -> None:
         _request_exit(app, service, STARTUP_FAILED_EXIT)
         return
     info = service.worker.info
+    assert info is not None  # wait_started returned: the worker is warm
     service.catalog = ClassCatalog.for_model(info.num_classes)
     metrics.start_model_series(info.model_name)
     metrics.set_build_info(_version(), info.model_name, info.policy, info.dtype, info.device)

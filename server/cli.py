@@ -34,7 +34,8 @@ EXIT_MARGIN_S = 2.0  # after the worker join (server.worker.WORKER_JOIN_S), for 
 # flag -> Settings field; only flags given on the command line override the environment.
 FLAG_FIELDS = {"host": "host", "port": "port", "model": "model", "var": "var_checkpoint", "vae": "vae_checkpoint",
                "policy": "policy", "dtype": "dtype", "device": "device", "max_batch": "max_batch",
-               "log_level": "log_level", "kv_profile": "kv_profile", "scheduler": "scheduler"}
+               "log_level": "log_level", "kv_profile": "kv_profile", "scheduler": "scheduler",
+               "batch_invariant": "batch_invariant"}
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,7 +44,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False or action.default == [] or not action.help:
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def _env(flag: str, default: object = None) -> str:
@@ -74,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-profile", metavar="auto|off|FILE",
                         help=f"KV calibration profile: auto calibrates at start-up or reuses the cached profile "
                              f"{_env('kv_profile')}")
+    parser.add_argument("--batch-invariant", choices=["auto", "tiles", "off"],
+                        help=f"keep an image bit-identical whatever its batch mates: auto checks the cheapest form "
+                             f"at start-up, off is fastest {_env('batch_invariant')}")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1,
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or 1,
                             limit_concurrency=settings.limit_concurrency,
-                            timeout_keep_alive=settings.keepalive_timeout_s,
+                            timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # uvicorn accepts a float
                             # a receipt deadline for every request, and probes exempt from limit_concurrency
                             http=make_protocol_class(settings.request_receive_timeout_s),
                             access_log=settings.log_level == "debug")
@@ -177,7 +181,7 @@ class DrainingServer(uvicorn.Server):
         service = getattr(self._app.state, "service", None)
         code = (service.exit_code if service is not None else 0) or FATAL_EXIT
         logger.critical("shutdown has not ended %.0f s after the exit was requested (the inference thread is stuck); "
-                        "exiting now with status %d", self._exit_deadline.interval, code)
+                        "exiting now with status %d", self._exit_deadline.interval if self._exit_deadline else 0, code)
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stdout.flush()

@@ -14,9 +14,10 @@ bypass the connection limit.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import h11
+from uvicorn._types import HTTPScope
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -85,7 +86,7 @@ def _limited(app: Any, limit: int, connections: set, tasks: set) -> Any:
         # This request's own task is already in `tasks` here (uvicorn checked before adding it).
         if scope["type"] == "http" and scope["path"] not in EXEMPT_PATHS and (
                 len(connections) >= limit or len(tasks) > limit):
-            return await service_unavailable(scope, receive, send)
+            return await service_unavailable(cast(HTTPScope, scope), receive, send)
         return await app(scope, receive, send)
     return limited
 
