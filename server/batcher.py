@@ -44,20 +44,21 @@ class Batcher:
 
     # --- event-loop side ------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Queue a job or raise Unavailable (queue_full, draining, or the closing error)."""
+        """Queue a job or raise Unavailable (queue_full, draining, or the closing error).
+
+        A refusal is counted where the error is answered (server/errors.py), like every other refusal."""
         with self._cond:
             if self._closed is not None:
                 raise Unavailable(self._closed.message, code=self._closed.code, retry_after_s=30)
             if self._draining:
-                metrics.REJECTED.labels(reason="draining").inc()
                 raise Unavailable("server is draining; retry on another replica", code="draining",
                                   retry_after_s=5)
             if self._queued_images + job.num_images > self.max_queue_images:
-                metrics.REJECTED.labels(reason="queue_full").inc()
                 raise Unavailable(
                     f"queue is full ({self._queued_images} of {self.max_queue_images} images waiting)",
                     code="queue_full", retry_after_s=self._retry_after_s())
             job.seq = next(self._seq)
+            job.admitted = True
             self._queue.append(job)
             self._queue.sort(key=lambda j: (j.priority, j.seq))
             self._queued_images += job.num_images
@@ -159,7 +160,7 @@ class Batcher:
     def note_step(self, images_by_job: dict[Job, int], step_images: int, seconds: float) -> None:
         """A step ran these jobs' images beside others (``step_images`` in all), for their usage figures."""
         with self._cond:
-            for job, count in images_by_job.items():
+            for job in images_by_job:
                 job.inference_time_s += seconds
                 job.batch_images = max(job.batch_images, step_images)
             if step_images:

@@ -6,12 +6,17 @@ The body is always the OpenAI-style envelope
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import metrics
+from server.jobs import JOB_SCOPE_KEY, Job
+from server.schemas import MODEL_CHECK_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +108,7 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 
-def _param_name(loc: tuple[Any, ...]) -> str | None:
+def _param_name(loc: tuple[Any, ...]) -> str:
     """("body", "class_labels", 2) -> "class_labels[2]"; the bare "body" location means the whole body."""
     parts = [p for p in loc if p != "body"]
     if not parts:
@@ -163,8 +168,14 @@ def validation_error(exc: RequestValidationError, body_schema: dict[str, Any] | 
     required" alone would not say which key was wrong.
     """
     errors = _merge_union_errors(list(exc.errors()))
+    checked = next((err for err in errors if err.get("type") == MODEL_CHECK_ERROR), None)
+    if checked is not None:
+        # A check against the loaded model (server/schemas.py) runs only on a body whose fields are all valid,
+        # so it is the one error; its context holds the envelope's message, param and code as they are.
+        ctx = checked["ctx"]
+        return InvalidRequest(ctx["message"], param=ctx["param"], code=ctx["code"])
     errors.sort(key=lambda err: err.get("type") != "extra_forbidden")  # stable: the order within each kind stays
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    first: dict[str, Any] = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     param = "body" if first.get("type") == "json_invalid" else _param_name(tuple(first["loc"]))
     field = param.split("[")[0].split(".")[0]
     message = f"{param}: {first['msg']}"
@@ -193,35 +204,56 @@ def as_bad_request(exc: InvalidRequest) -> InvalidRequest:
     return exc
 
 
+def count_rejection(scope: MutableMapping[str, Any], error: ApiError) -> None:
+    """Count a generate request refused with ``error`` in amskv_requests_rejected_total, by its error code.
+
+    The one place refusals are counted: the handlers below call it for every error they answer, and the
+    request guard (server/middleware.py), which answers before routing, may call it too. An error of a job
+    the batcher already admitted (failed, timed out, closed) is the job's outcome, not a refusal.
+    """
+    if scope.get("path") not in metrics.GENERATE_ENDPOINTS:
+        return
+    job = scope.get(JOB_SCOPE_KEY)
+    if isinstance(job, Job) and job.admitted:
+        return
+    reason = metrics.reject_reason(error.code, error.status)
+    if reason is not None:
+        metrics.REJECTED.labels(reason=reason).inc()
+
+
 def register_exception_handlers(app: FastAPI, body_schema: dict[str, Any] | None = None,
-                                on_invalid: Any = None, openai_schemas: dict[str, dict[str, Any]] | None = None) -> None:
-    """Install the handlers that produce the envelope; `on_invalid(request)` counts rejected bodies.
+                                on_invalid: Callable[[Request], None] | None = None,
+                                openai_schemas: dict[str, dict[str, Any]] | None = None) -> None:
+    """Install the handlers that produce the envelope and count refusals (`count_rejection`).
 
     `openai_schemas`: path -> body schema of the OpenAI-compatible routes, whose invalid bodies get 400.
+    `on_invalid` is not called: it once counted invalid bodies, which the handlers now count with every other
+    refusal; it stays only until server/app.py stops passing it.
     """
+    del on_invalid
+
+    def answer(request: Request, error: ApiError) -> JSONResponse:
+        count_rejection(request.scope, error)
+        return error_response(error)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc)
+        return answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if on_invalid is not None:
-            on_invalid(request)
         openai_schema = (openai_schemas or {}).get(request.url.path)
         if openai_schema is not None:
-            return error_response(as_bad_request(validation_error(exc, openai_schema)))
-        return error_response(validation_error(exc, body_schema))
+            return answer(request, as_bad_request(validation_error(exc, openai_schema)))
+        return answer(request, validation_error(exc, body_schema))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
             # FastAPI answers a bare 400 "error parsing the body" when decoding fails outside
             # JSONDecodeError: invalid UTF-8, nesting too deep, an integer over 4300 digits.
-            if on_invalid is not None:
-                on_invalid(request)
             error = body_not_json(exc.__cause__)
-            return error_response(as_bad_request(error) if request.url.path in (openai_schemas or {}) else error)
+            return answer(request, as_bad_request(error) if request.url.path in (openai_schemas or {}) else error)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         body = envelope(str(exc.detail), "invalid_request_error", code, None)
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))

@@ -17,56 +17,39 @@ from fastapi.responses import JSONResponse
 
 from amskv.naming import image_file_name
 from amskv.sampling import SamplingParams
-from server import metrics
 from server.batcher import Batcher
 from server.encoding import b64_png, png_bytes, zip_archive
-from server.errors import ApiError, InvalidRequest, deadline_error
-from server.jobs import Job, JobResult, JobStatus
-from server.schemas import SEED_MAX
+from server.errors import ApiError, deadline_error
+from server.jobs import JOB_SCOPE_KEY, Job, JobResult, JobStatus
+from server.schemas import SEED_MAX, GenerateRequest, ImagesGenerationRequest
 from server.service import Service
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; the client never sees it, the metrics do
 
 
-def new_job(service: Service, request: Request, labels: list[int], body: Any, *,
+def new_job(service: Service, request: Request, body: GenerateRequest | ImagesGenerationRequest, *,
             preview_scales: Collection[int] = ()) -> Job:
-    """Validate the request's totals and sampling fields against the model and build its job (not submitted).
+    """The job of a request validated against the model (server/routes/deps.py); not submitted.
 
-    ``body`` has the sampling fields of GenerateRequest (n, seed, cfg_scale, top_k, top_p, more_smooth,
-    priority, timeout_ms). ``preview_scales``: the scales whose running image the client wants to see.
+    Every check has run before the job exists; ``preview_scales``: the scales whose running image the
+    client wants to see.
     """
-    settings, info = service.settings, service.worker.info
-    try:
-        total = len(labels) * body.n
-        if total > settings.max_images_per_request:
-            metrics.REJECTED.labels(reason="too_many_images").inc()
-            raise InvalidRequest(f"{len(labels)} labels x n={body.n} = {total} images; at most "
-                                 f"{settings.max_images_per_request} per request", param="n",
-                                 code="too_many_images")
-        top_k = body.top_k
-        if info.vocab_size is not None and top_k > info.vocab_size:
-            if "top_k" not in body.model_fields_set:  # the default (900) exceeds a small vocabulary
-                top_k = info.vocab_size
-            else:
-                raise InvalidRequest(
-                    f"top_k: at most the vocabulary size (allowed: 0 <= top_k <= {info.vocab_size})", param="top_k")
-    except InvalidRequest as exc:
-        if exc.code != "too_many_images":
-            metrics.REJECTED.labels(reason="invalid").inc()
-        raise
+    settings = service.settings
+    labels = body.labels
+    total = len(labels) * body.n
     seed = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
     now = time.monotonic()
     timeout_s = settings.request_timeout_s if body.timeout_ms is None else min(
         settings.request_timeout_s, body.timeout_ms / 1000)
     client_timeout_ms = body.timeout_ms if timeout_s < settings.request_timeout_s else None
     job = Job(id=request.scope.get("amskv.request_id", f"gen_{uuid.uuid4().hex}"),
-               labels=[label for label in labels for _ in range(body.n)],
-               seeds=[(seed + i) % (SEED_MAX + 1) for i in range(total)],
-               params=SamplingParams(cfg=body.cfg_scale, top_k=top_k, top_p=body.top_p,
-                                     more_smooth=body.more_smooth),
-               priority=body.priority, arrival=now, deadline=now + timeout_s, client_timeout_ms=client_timeout_ms,
-               preview_scales=frozenset(preview_scales))
-    request.scope["amskv.job"] = job  # the access log line reads its images and times (server/middleware.py)
+              labels=[label for label in labels for _ in range(body.n)],
+              seeds=[(seed + i) % (SEED_MAX + 1) for i in range(total)],
+              params=SamplingParams(cfg=body.cfg_scale, top_k=body.top_k, top_p=body.top_p,
+                                    more_smooth=body.more_smooth),
+              priority=body.priority, arrival=now, deadline=now + timeout_s, client_timeout_ms=client_timeout_ms,
+              preview_scales=frozenset(preview_scales))
+    request.scope[JOB_SCOPE_KEY] = job
     return job
 
 

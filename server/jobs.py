@@ -16,6 +16,10 @@ from typing import Any
 
 _plan_ids = itertools.count(1)
 
+# Where the route keeps the request's job in the ASGI scope: the access log reads its images and times
+# (server/middleware.py), and the error handlers tell a refusal from an admitted job's failure (server/errors.py).
+JOB_SCOPE_KEY = "amskv.job"
+
 
 class JobStatus(IntEnum):
     """Live states first; everything from DONE on is finished."""
@@ -50,6 +54,8 @@ class Job:
     arrival: float  # monotonic seconds
     deadline: float  # monotonic seconds
     seq: int = 0  # arrival order, set by the batcher
+    # Set by Batcher.submit: from then on an error is the job's outcome, not a refusal of the request.
+    admitted: bool = False
     client_timeout_ms: int | None = None  # the client's timeout_ms when it set the deadline (shorter than the server's)
     status: JobStatus = JobStatus.QUEUED
     next_image: int = 0  # first image not yet handed to a batch

@@ -11,7 +11,7 @@ from typing import Any
 from server import metrics
 from starlette.responses import JSONResponse
 
-from server.errors import ApiError, BodyTooLarge, UnsupportedMediaType, error_response
+from server.errors import ApiError, BodyTooLarge, UnsupportedMediaType, count_rejection, error_response
 
 GENERATE_PATHS = metrics.GENERATE_ENDPOINTS
 
@@ -77,14 +77,14 @@ class RequestGuard:
         headers = dict(scope["headers"])
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if content_type and content_type != b"application/json":
-            return await _reject(scope, send, "unsupported_media_type", UnsupportedMediaType(
+            return await _reject(scope, send, UnsupportedMediaType(
                 f"Content-Type must be application/json, got {content_type.decode(errors='replace')!r}",
                 param="Content-Type"))
         too_large = BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes",
                                  param="body")
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await _reject(scope, send, "body_too_large", too_large)
+            return await _reject(scope, send, too_large)
         body = b""
         while True:  # read it all (it is small) so chunked bodies are limited too
             message = await receive()
@@ -92,7 +92,7 @@ class RequestGuard:
                 return None
             body += message.get("body", b"")
             if len(body) > self.max_body_bytes:
-                return await _reject(scope, send, "body_too_large", too_large)
+                return await _reject(scope, send, too_large)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -124,8 +124,7 @@ class DrainNotice:
         return await self.app(scope, receive, send)
 
 
-async def _reject(scope: dict, send: Callable, reason: str, error: ApiError) -> None:
-    if scope.get("path", "") in GENERATE_PATHS:
-        metrics.REJECTED.labels(reason=reason).inc()
+async def _reject(scope: dict, send: Callable, error: ApiError) -> None:
+    count_rejection(scope, error)  # answered before routing, so the error handlers never see it
     response = error_response(error)
     await response(scope, None, send)

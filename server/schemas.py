@@ -1,14 +1,77 @@
 """HTTP request and response models. pydantic lives only at this edge; inner layers use dataclasses."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
 
+from amskv.classes import ClassCatalog, ClassLabelError
 from server.settings import MAX_BATCH_CEILING
 
 SEED_MAX = 2**32 - 1
 CFG_MAX = 20.0
+# The error type of a failed check against the loaded model; server/errors.py answers it with the message,
+# param and code it carries.
+MODEL_CHECK_ERROR = "model_check"
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a generate request is validated against once the model is loaded: pydantic's validation context.
+
+    FastAPI parses a body without it (types and the ranges that hold for every model); the generate routes
+    validate the body again with it before they build a job (server/routes/deps.py), so every check of a
+    request lives in its model below.
+    """
+
+    catalog: ClassCatalog
+    model_name: str
+    resolution: int
+    scales: tuple[int, ...]  # the side of each scale's token map
+    vocab_size: int | None
+    max_images_per_request: int
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scales)
+
+
+def _model_check(message: str, param: str, code: str = "invalid_value") -> PydanticCustomError:
+    """A failed check against the model, carrying the envelope's message, param and code as they are."""
+    return PydanticCustomError(MODEL_CHECK_ERROR, "{message}",
+                               {"message": message, "param": param, "code": code})
+
+
+def _limits(info: ValidationInfo) -> ModelLimits | None:
+    return info.context if isinstance(info.context, ModelLimits) else None
+
+
+def _resolve_labels(catalog: ClassCatalog, labels: list[int | str], field: str) -> list[int]:
+    """Class indices for the labels; an unknown one is named by its position (class_labels[i]) or, for the
+    OpenAI route's one label, by its field (prompt), with the same words."""
+    try:
+        return catalog.resolve_all(labels)
+    except ClassLabelError as exc:
+        message = f"{exc}; GET /v1/classes lists the classes"
+        if field == "prompt":
+            raise _model_check(message.replace("class_labels", "prompt"), "prompt", "unknown_class_label") from None
+        raise _model_check(message, f"{field}[{exc.position}]", "unknown_class_label") from None
+
+
+def _check_total_and_top_k(body: GenerateRequest | ImagesGenerationRequest, labels: int,
+                           limits: ModelLimits) -> None:
+    """The checks both generate routes share: images per request, and top_k against the vocabulary."""
+    total = labels * body.n
+    if total > limits.max_images_per_request:
+        raise _model_check(f"{labels} labels x n={body.n} = {total} images; at most "
+                           f"{limits.max_images_per_request} per request", "n", "too_many_images")
+    if limits.vocab_size is not None and body.top_k > limits.vocab_size:
+        if "top_k" in body.model_fields_set:
+            raise _model_check(f"top_k: at most the vocabulary size (allowed: 0 <= top_k <= {limits.vocab_size})",
+                               "top_k")
+        body.top_k = limits.vocab_size  # the default (900) exceeds a small vocabulary: clamp it, no error
 
 
 class GenerateRequest(BaseModel):
@@ -33,6 +96,34 @@ class GenerateRequest(BaseModel):
     timeout_ms: int | None = Field(None, ge=1, description="may only shorten the server's request timeout")
     stream: bool = Field(False, description="answer text/event-stream: a preview event per image and scale, "
                          "then image events (b64_json only), then done (docs/api.md)")
+    _labels: list[int] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_against_model(self, info: ValidationInfo) -> GenerateRequest:
+        """With the model's limits as context: resolve the labels, then the totals and the format choices."""
+        limits = _limits(info)
+        if limits is None:
+            return self
+        self._labels = _resolve_labels(limits.catalog, self.class_labels, "class_labels")
+        _check_total_and_top_k(self, len(self._labels), limits)
+        if self.stream and self.response_format != "b64_json":
+            raise _model_check(f"stream: images are streamed as b64_json, not {self.response_format!r}",
+                               "response_format")
+        if self.response_format == "png" and self.num_images != 1:
+            raise _model_check(f"response_format 'png' returns one image, but {self.num_images} were requested; "
+                               "use b64_json or zip", "response_format")
+        return self
+
+    @property
+    def num_images(self) -> int:
+        return len(self.class_labels) * self.n
+
+    @property
+    def labels(self) -> list[int]:
+        """The class index of each label; set by validation with the model's limits."""
+        if not self._labels:
+            raise RuntimeError("the request was not validated against the model (ModelLimits context)")
+        return self._labels
 
 
 class ImageData(BaseModel):
@@ -159,6 +250,39 @@ class ImagesGenerationRequest(BaseModel):
     more_smooth: bool = False
     priority: int = Field(1, ge=0, le=2)
     timeout_ms: int | None = Field(None, ge=1)
+    _labels: list[int] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_against_model(self, info: ValidationInfo) -> ImagesGenerationRequest:
+        """With the model's limits as context: the OpenAI fields this model has one answer to, then the prompt."""
+        limits = _limits(info)
+        if limits is None:
+            return self
+        side = f"{limits.resolution}x{limits.resolution}"
+        if self.model is not None and self.model != limits.model_name:
+            raise _model_check(f"model {self.model!r} is not served here (allowed: {limits.model_name})", "model",
+                               "model_not_found")
+        if self.response_format != "b64_json":
+            raise _model_check(f"response_format {self.response_format!r} is not supported: this server keeps no "
+                               "files to link to (allowed: b64_json)", "response_format")
+        if self.size not in ("auto", side):
+            raise _model_check(f"size {self.size!r} is not this model's (allowed: {side} or auto)", "size")
+        most = limits.num_scales - 1
+        if self.partial_images > most:
+            raise _model_check(f"partial_images: this model has {limits.num_scales} scales, so at most {most} "
+                               f"partial images (allowed: 0 <= partial_images <= {most})", "partial_images")
+        if self.partial_images and not self.stream:
+            raise _model_check("partial_images needs stream: true", "partial_images")
+        self._labels = _resolve_labels(limits.catalog, [self.prompt], "prompt")
+        _check_total_and_top_k(self, 1, limits)
+        return self
+
+    @property
+    def labels(self) -> list[int]:
+        """The prompt's class index, once per request (one label); set by validation with the model's limits."""
+        if not self._labels:
+            raise RuntimeError("the request was not validated against the model (ModelLimits context)")
+        return self._labels
 
 
 class OpenAIImage(BaseModel):

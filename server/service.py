@@ -55,13 +55,12 @@ class Service:
             raise Unavailable("the model is still loading; retry shortly", code="not_ready", retry_after_s=5)
 
     def check_accepting(self) -> None:
+        """Raise the 503 that refuses a new request now (the error handlers count it by its code)."""
         status, detail = self.health()
         if status == "READY":
             return
         if status == "DRAINING":
-            metrics.REJECTED.labels(reason="draining").inc()
             raise Unavailable("server is draining; retry on another replica", code="draining", retry_after_s=5)
-        metrics.REJECTED.labels(reason="not_ready").inc()
         code = "worker_dead" if status == "UNHEALTHY" else "not_ready"
         raise Unavailable(detail or "server is not ready yet", code=code, retry_after_s=30 if code == "worker_dead" else 5)
 

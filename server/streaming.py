@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from fastapi.responses import StreamingResponse
 
 from server.batcher import Batcher
+from server.encoding import b64_png
 from server.errors import ApiError, envelope
 from server.generation import CLIENT_CLOSED_REQUEST, expire, seconds_left
 from server.jobs import Job, JobResult
@@ -89,6 +91,11 @@ async def job_events(batcher: Batcher, job: Job, channel: PreviewChannel) -> Asy
         batcher.cancel(job)  # a no-op once the job finished; otherwise the client left mid-stream
 
 
+async def b64_pngs(images: Sequence[np.ndarray]) -> list[str]:
+    """The images as base64 PNGs, encoded off the event loop."""
+    return await asyncio.to_thread(lambda: [b64_png(image) for image in images])
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
@@ -98,7 +105,7 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 OUTCOME_KEY = "amskv.outcome_status"
 
 
-def error_event(exc: BaseException, scope: dict) -> bytes:
+def error_event(exc: BaseException, scope: MutableMapping[str, Any]) -> bytes:
     """The same envelope a non-streamed request gets, as an ``error`` event; its status is the request's outcome."""
     if not isinstance(exc, ApiError):
         logger.error("stream failed", exc_info=exc)
@@ -107,7 +114,7 @@ def error_event(exc: BaseException, scope: dict) -> bytes:
     return sse("error", envelope(exc.message, exc.type, exc.code, exc.param))
 
 
-def event_stream(events: AsyncIterator[bytes], scope: dict) -> StreamingResponse:
+def event_stream(events: AsyncIterator[bytes], scope: MutableMapping[str, Any]) -> StreamingResponse:
     """The SSE response; a stream its client leaves before the end is counted as 499, not 200."""
     async def tracked() -> AsyncIterator[bytes]:
         ended = False

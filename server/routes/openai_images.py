@@ -15,15 +15,21 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from server import metrics
-from server.classes import resolve_labels
 from server.encoding import b64_png
-from server.errors import InvalidRequest, as_bad_request
 from server.generation import CLIENT_CLOSED_REQUEST, await_job, new_job, usage
 from server.jobs import Job
-from server.routes.deps import ServiceDep
-from server.schemas import OPENAI_ERROR_RESPONSES, ImagesGenerationRequest, ImagesResponse, with_event_stream
+from server.routes.deps import AcceptedImages, ServiceDep
+from server.schemas import (
+    OPENAI_ERROR_RESPONSES,
+    ImagesGenerationRequest,
+    ImagesResponse,
+    ModelLimits,
+    OpenAIImage,
+    Usage,
+    with_event_stream,
+)
 from server.service import Service
-from server.streaming import Preview, attach_channel, error_event, event_stream, job_events, sse
+from server.streaming import Preview, attach_channel, b64_pngs, error_event, event_stream, job_events, sse
 
 IMAGES_PATH = "/v1/images/generations"
 
@@ -36,63 +42,35 @@ def partial_scales(num_scales: int, partial_images: int) -> list[int]:
     return [int((j + 1) * step) for j in range(partial_images)]
 
 
-@router.post(IMAGES_PATH, response_model=ImagesResponse, responses=with_event_stream(OPENAI_ERROR_RESPONSES, "image_generation.* events"),
+@router.post(IMAGES_PATH, response_model=ImagesResponse,
+             responses=with_event_stream(OPENAI_ERROR_RESPONSES, "image_generation.* events"),
              summary="OpenAI-compatible image generation (prompt = one class)")
-async def images_generations(body: ImagesGenerationRequest, request: Request, service: ServiceDep) -> Response:
-    service.check_accepting()
-    info = service.worker.info
-    try:
-        job = _job(service, request, body)
-    except InvalidRequest as exc:
-        raise as_bad_request(exc) from None
+async def images_generations(accepted: AcceptedImages, request: Request,
+                             service: ServiceDep) -> Response | ImagesResponse:
+    body, model = accepted.body, accepted.model
+    job = new_job(service, request, body, preview_scales=partial_scales(model.num_scales, body.partial_images))
     if body.stream:
-        return _stream(service, job, body, request)
+        return _stream(service, model, job, body, request)
     service.batcher.submit(job)
     result = await await_job(service.batcher, job, request)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    encoded = await asyncio.to_thread(lambda: [b64_png(image) for image in result.images])
-    name = service.catalog.name_of(job.labels[0])
-    metrics.IMAGES_GENERATED.labels(model=info.model_name).inc(job.num_images)
-    return ImagesResponse(created=int(time.time()), usage=usage(job, result), data=[
-        {"b64_json": b64, "revised_prompt": name, "class_label": job.labels[i], "seed": job.seeds[i]}
+    encoded = await b64_pngs(result.images)
+    name = model.catalog.name_of(job.labels[0])
+    metrics.IMAGES_GENERATED.labels(model=model.model_name).inc(job.num_images)
+    return ImagesResponse(created=int(time.time()), usage=Usage(**usage(job, result)), data=[
+        OpenAIImage(b64_json=b64, revised_prompt=name, class_label=job.labels[i], seed=job.seeds[i])
         for i, b64 in enumerate(encoded)])
 
 
-def _job(service: Service, request: Request, body: ImagesGenerationRequest) -> Job:
-    info = service.worker.info
-    side = f"{info.resolution}x{info.resolution}"
-    if body.model is not None and body.model != info.model_name:
-        raise InvalidRequest(f"model {body.model!r} is not served here (allowed: {info.model_name})",
-                             param="model", code="model_not_found")
-    if body.response_format != "b64_json":
-        raise InvalidRequest(f"response_format {body.response_format!r} is not supported: this server keeps no "
-                             "files to link to (allowed: b64_json)", param="response_format")
-    if body.size not in ("auto", side):
-        raise InvalidRequest(f"size {body.size!r} is not this model's (allowed: {side} or auto)", param="size")
-    most = len(info.scales) - 1
-    if body.partial_images > most:
-        raise InvalidRequest(f"partial_images: this model has {len(info.scales)} scales, so at most {most} "
-                             f"partial images (allowed: 0 <= partial_images <= {most})", param="partial_images")
-    if body.partial_images and not body.stream:
-        raise InvalidRequest("partial_images needs stream: true", param="partial_images")
-    try:
-        labels = resolve_labels(service.catalog, [body.prompt])
-    except InvalidRequest as exc:
-        exc.param = "prompt"
-        exc.message = exc.message.replace("class_labels", "prompt")
-        raise
-    return new_job(service, request, labels, body, preview_scales=partial_scales(len(info.scales), body.partial_images))
-
-
-def _stream(service: Service, job: Job, body: ImagesGenerationRequest, request: Request) -> Response:
-    info = service.worker.info
+def _stream(service: Service, model: ModelLimits, job: Job, body: ImagesGenerationRequest,
+            request: Request) -> Response:
     channel = attach_channel(job)
     service.batcher.submit(job)
-    shape = {"size": f"{info.resolution}x{info.resolution}", "quality": "auto", "background": "opaque",
+    shape = {"size": f"{model.resolution}x{model.resolution}", "quality": "auto", "background": "opaque",
              "output_format": "png"}
-    scales = partial_scales(len(info.scales), body.partial_images)
-    tokens = sum(side * side for side in info.scales)
+    scales = partial_scales(model.num_scales, body.partial_images)
+    tokens = sum(side * side for side in model.scales)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -104,14 +82,15 @@ def _stream(service: Service, job: Job, body: ImagesGenerationRequest, request: 
                         "partial_image_index": scales.index(event.scale), "index": event.index,
                         "scale": event.scale, **shape})
                     continue
-                encoded = await asyncio.to_thread(lambda: [b64_png(image) for image in event.images])
-                used: dict[str, Any] = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                encoded = await b64_pngs(event.images)
+                used: dict[str, Any] = {"input_tokens": 0,
+                                        "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                                         "output_tokens": tokens, "total_tokens": tokens, **usage(job, event)}
-                metrics.IMAGES_GENERATED.labels(model=info.model_name).inc(job.num_images)
+                metrics.IMAGES_GENERATED.labels(model=model.model_name).inc(job.num_images)
                 for index, b64 in enumerate(encoded):
                     yield sse("image_generation.completed", {
                         "type": "image_generation.completed", "b64_json": b64, "created_at": int(time.time()),
-                        "index": index, "revised_prompt": service.catalog.name_of(job.labels[index]),
+                        "index": index, "revised_prompt": model.catalog.name_of(job.labels[index]),
                         "seed": job.seeds[index], "usage": used, **shape})
         except Exception as exc:  # the stream has started: an error travels as an event (the same envelope)
             yield error_event(exc, request.scope)

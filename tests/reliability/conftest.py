@@ -90,7 +90,7 @@ def run_loadgen(base: str, *args: str, timeout_s: float = 900) -> dict:
 
 @pytest.fixture(scope="session")
 def small_server(tmp_path_factory):
-    """One server with small limits, shared by the bad-input and fuzz tests (neither changes its state)."""
+    """One server with small limits for the fuzz test (schemathesis reads its /openapi.json over HTTP)."""
     srv = start_server(tmp_path_factory.mktemp("reliability"), {**SMALL_LIMITS, "AMSKV_MAX_IMAGES_PER_REQUEST": "4"})
     yield srv
     srv.stop()

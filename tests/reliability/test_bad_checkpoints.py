@@ -22,6 +22,8 @@ from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
 from tests.server.test_api import REPO, free_port
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 EXIT_TIMEOUT_S = 120  # generous: several interpreters import torch at once on two shared cores
 
 

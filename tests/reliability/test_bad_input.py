@@ -1,16 +1,18 @@
 """Hostile and malformed requests: each gets a 4xx whose error envelope names the problem.
 
-tests/server/test_api.py already covers the plain range errors (cfg_scale 25, seed 2**32, n 0,
+In process (tests/fakes.py): the whole app with its middleware and the demo model behind fastapi's TestClient;
+no socket is needed to show a status and a body. tests/server/test_contract.py already covers the plain range errors (cfg_scale 25, seed 2**32, n 0,
 an unknown field, a declared Content-Length over the limit); this file covers what a fuzzer or a
 broken client sends: huge and deep bodies, non-finite numbers, huge integers, unicode junk,
 non-UTF-8 bytes, other media types and non-object JSON.
 """
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from tests.reliability.conftest import metric_series
+from server import metrics
+from tests.fakes import counter, in_process_app
+from tests.reliability.conftest import SMALL_LIMITS
 
 JSON = {"content-type": "application/json"}
 
@@ -19,6 +21,14 @@ def chunks(data: bytes, size: int = 4096):
     """A body without Content-Length (chunked transfer), so only the streaming limit can stop it."""
     for start in range(0, len(data), size):
         yield data[start:start + size]
+
+
+@pytest.fixture(scope="module")
+def api():
+    """The small limits of the reliability suite, at most 4 images per request; no test changes its state."""
+    limits = {name.removeprefix("AMSKV_").lower(): int(value) for name, value in SMALL_LIMITS.items()}
+    with in_process_app(**{**limits, "max_images_per_request": 4}) as client:
+        yield client
 
 
 # name: (request keyword arguments, status, error code, param, words the message must contain)
@@ -90,9 +100,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_request_gets_a_4xx_naming_the_problem(small_server, name):
+def test_bad_request_gets_a_4xx_naming_the_problem(api, name):
     kwargs, status, code, param, words = CASES[name]
-    response = httpx.post(f"{small_server.base}/v1/generate", timeout=30, **kwargs)
+    response = api.post("/v1/generate", **kwargs)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert (error["code"], error["param"]) == (code, param), error
@@ -102,18 +112,17 @@ def test_bad_request_gets_a_4xx_naming_the_problem(small_server, name):
     assert "Traceback" not in response.text
 
 
-def test_wrong_method_and_unknown_path_use_the_error_envelope(small_server):
-    wrong_method = httpx.get(f"{small_server.base}/v1/generate")
+def test_wrong_method_and_unknown_path_use_the_error_envelope(api):
+    wrong_method = api.get("/v1/generate")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
-    unknown = httpx.post(f"{small_server.base}/v2/generate", json={"class_labels": [1]})
+    unknown = api.post("/v2/generate", json={"class_labels": [1]})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
 
 
-def test_server_stays_ready_and_serves_after_bad_input(small_server):
-    before = metric_series(small_server)['amskv_requests_rejected_total{reason="invalid"}']
-    httpx.post(f"{small_server.base}/v1/generate", content=b"\xff" * 100, headers=JSON)
-    after = metric_series(small_server)['amskv_requests_rejected_total{reason="invalid"}']
-    assert after == before + 1  # a body that is not even UTF-8 is counted as invalid, like any other
-    assert httpx.get(f"{small_server.base}/readyz").status_code == 200
-    good = httpx.post(f"{small_server.base}/v1/generate", json={"class_labels": ["three"], "seed": 1}, timeout=60)
+def test_server_stays_ready_and_serves_after_bad_input(api):
+    before = counter(metrics.REJECTED, reason="invalid")
+    api.post("/v1/generate", content=b"\xff" * 100, headers=JSON)
+    assert counter(metrics.REJECTED, reason="invalid") == before + 1  # not even UTF-8: invalid, like any other
+    assert api.get("/readyz").status_code == 200
+    good = api.post("/v1/generate", json={"class_labels": ["three"], "seed": 1})
     assert good.status_code == 200 and len(good.json()["data"]) == 1

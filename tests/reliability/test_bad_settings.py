@@ -2,6 +2,8 @@
 such as AMSKV_MAX_QUEUE_IMAGE=5 used to be ignored silently) and fault injection left on."""
 from __future__ import annotations
 
+import pytest
+
 from server.settings import OTHER_VARIABLES, unknown_variables
 from tests.server.test_api import Server
 
@@ -14,6 +16,7 @@ def test_an_unknown_variable_is_named_with_the_closest_setting():
         "unknown setting AMSKV_NO_SUCH_THING is ignored"]
 
 
+@pytest.mark.slow  # starts a real server process
 def test_the_server_warns_at_start_about_a_typo_and_about_fault_injection(tmp_path):
     srv = Server(tmp_path, {"AMSKV_MAX_QUEUE_IMAGE": "5", "AMSKV_FAULT_INJECTION": "1"})
     srv.stop()

@@ -22,6 +22,8 @@ from tests.reliability.conftest import (SMALL_LIMITS, assert_queue_empty, finish
                                         requests_with_status, start_loadgen, start_server)
 from tests.server.test_api import post
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 FAULT_ENV = {**SMALL_LIMITS, "AMSKV_FAULT_INJECTION": "1"}
 QUEUE_IMAGES = int(SMALL_LIMITS["AMSKV_MAX_QUEUE_IMAGES"])
 RUNNING_UNTIL_RELEASED = {"batch_delay_ms": 120_000}  # far beyond any wait below; the test ends it

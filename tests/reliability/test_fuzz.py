@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, Phase, settings
 
 from tests.reliability.conftest import env_int
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 EXAMPLES = env_int("RELIABILITY_FUZZ_EXAMPLES", 60)
 DOCUMENTED = {200, 404, 405, 413, 415, 422, 503, 504}
 OPENAI_DOCUMENTED = DOCUMENTED - {422} | {400}  # OpenAI's Images API answers invalid requests with 400

@@ -12,6 +12,8 @@ from tests.reliability.conftest import (assert_queue_empty, env_int, metric_seri
                                         requests_with_status,
                                         rss_bytes, run_loadgen, start_server)
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 REQUESTS = env_int("RELIABILITY_LOAD_REQUESTS", 500)
 CONCURRENCY = env_int("RELIABILITY_LOAD_CONCURRENCY", 64)
 WARMUP_REQUESTS = 128

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from tests.server.test_api import Server, post
 
@@ -19,6 +20,7 @@ EXIT_BOUND_S = 20  # from the stall's start to the process' exit
 ENV = {"AMSKV_FAULT_INJECTION": "1", "AMSKV_WORKER_STALL_TIMEOUT_S": str(STALL_TIMEOUT_S), "AMSKV_MAX_BATCH": "4"}
 
 
+@pytest.mark.slow  # starts a real server process and waits for its stall exit (about 25 s)
 def test_a_stalled_worker_exits_within_20_s_and_answers_its_stuck_requests_first(tmp_path):
     srv = Server(tmp_path, ENV)
     pool = ThreadPoolExecutor(2)

@@ -5,86 +5,30 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 
 from server import metrics
 from server.batcher import Batcher, ClientGone
 from server.errors import GenerationTimeout, OutOfMemory, Unavailable
-from server.jobs import Job, JobStatus
 from server.faults import FaultPlan
-
-KV_PER_IMAGE = 1000
-WAIT_S = 10  # every wait in this module is bounded: a deadlock fails the test instead of hanging it
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_job(images: int = 1, *, priority: int = 1, arrival: float = 100.0, timeout_s: float = 60.0,
-             first_label: int = 0) -> Job:
-    return Job(id=f"job{first_label}", labels=[first_label + i for i in range(images)],
-               seeds=[1000 + i for i in range(images)], params=None, priority=priority,
-               arrival=arrival, deadline=arrival + timeout_s)
-
-
-def make_batcher(clock=None, *, max_queue_images: int = 64, delay_s: float = 0.0) -> Batcher:
-    return Batcher(max_queue_images=max_queue_images, max_queue_delay_s=delay_s, clock=clock or FakeClock())
-
-
-def complete(batcher: Batcher, plan, outputs: list, seconds: float) -> None:
-    """Hand back one output per image of ``plan`` as if it ran as one step: an image, or its exception."""
-    assert len(outputs) == plan.num_images
-    position = 0
-    for piece in plan.slices:
-        batcher.note_step({piece.job: piece.count}, plan.num_images, seconds)
-        for k, output in enumerate(outputs[position:position + piece.count]):
-            if isinstance(output, BaseException):
-                batcher.fail(piece.job, 1, output)
-            else:
-                batcher.deliver(piece.job, piece.start + k, output)
-        position += piece.count
-
-
-def counter(metric, **labels) -> float:
-    return (metric.labels(**labels) if labels else metric)._value.get()
-
-
-def answer(job: Job, timeout_s: float = WAIT_S):
-    """The job's result (or its exception), failing the test if nothing answers it within timeout_s."""
-    try:
-        return job.future.result(timeout=timeout_s)
-    except FutureTimeout:
-        pytest.fail(f"job {job.id} ({job.status.name}) got no answer within {timeout_s} s: batcher or worker stuck")
-
-
-def wait_until(condition, what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
-
+from server.jobs import JobStatus
+from tests.fakes import WAIT_S, FakeClock, answer, complete, counter, make_batcher, make_job
 
 # --- admission ------------------------------------------------------------------------------------
 
 def test_queue_limit_is_counted_in_images_and_refusal_carries_retry_after():
     batcher = make_batcher(max_queue_images=5)
-    batcher.submit(make_job(3))
-    before = counter(metrics.REJECTED, reason="queue_full")
+    first, refused_job, last = make_job(3), make_job(3), make_job(2)
+    batcher.submit(first)
     with pytest.raises(Unavailable) as refused:
-        batcher.submit(make_job(3))
+        batcher.submit(refused_job)
     assert refused.value.code == "queue_full" and refused.value.status == 503
     assert int(refused.value.headers()["Retry-After"]) >= 1
-    assert counter(metrics.REJECTED, reason="queue_full") == before + 1
-    batcher.submit(make_job(2))  # exactly fills the queue
+    batcher.submit(last)  # exactly fills the queue
     assert batcher.queued_images == 5
+    # The error handlers count a refusal only for a job that was never admitted (tests/server/test_errors.py).
+    assert (first.admitted, refused_job.admitted, last.admitted) == (True, False, True)
 
 
 def test_draining_refuses_new_jobs_but_runs_queued_ones_without_waiting_for_the_delay():

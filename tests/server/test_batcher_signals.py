@@ -1,7 +1,7 @@
 """The batcher's scrape-time signals: the age of the oldest queued request and the running request count."""
 from __future__ import annotations
 
-from tests.server.test_batcher import FakeClock, complete, make_batcher, make_job
+from tests.fakes import FakeClock, complete, make_batcher, make_job
 
 
 def test_oldest_queued_age_follows_the_longest_waiting_request_and_running_counts_requests():

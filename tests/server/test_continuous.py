@@ -16,6 +16,8 @@ import pytest
 
 from tests.server.test_api import Server, post  # the same real-server harness
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 ENV = {"AMSKV_MODEL": "mnist64", "AMSKV_MAX_QUEUE_DELAY_MS": "0"}
 SMALL = {"class_labels": [5], "seed": 99, "cfg_scale": 3.0}
 

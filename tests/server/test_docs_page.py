@@ -11,6 +11,8 @@ import pytest
 from tests.server.test_api import SERVER_ENV, Server  # the same real-server harness
 from tests.server.test_playground import chromium_page
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from tests.server.test_api import Server, concurrently, decode, post  # the same real-server harness
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 FAULT_ENV = {"AMSKV_FAULT_INJECTION": "1", "AMSKV_MAX_BATCH": "4", "AMSKV_MAX_QUEUE_DELAY_MS": "100",
              "AMSKV_MAX_QUEUE_IMAGES": "16", "AMSKV_MAX_IMAGES_PER_REQUEST": "16"}
 RUNNING_UNTIL_RELEASED = {"batch_delay_ms": 120_000}  # far beyond any wait below; the test ends it

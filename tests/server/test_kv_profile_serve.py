@@ -3,8 +3,11 @@ budget binds the batches the server runs."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.server.test_api import REPO, Server, post
+
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
 
 GOLDEN = REPO / "tests" / "golden"
 

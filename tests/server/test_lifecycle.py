@@ -13,6 +13,8 @@ import httpx
 import pytest
 from tests.server.test_api import Server, ServerProcess, post
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 EXIT_WAIT_S = 120  # bounds a hang only; the process exits within seconds
 FATAL_EXIT = 70
 STARTUP_FAILED_EXIT = 3

@@ -25,6 +25,8 @@ from amskv.naming import image_file_name
 from tests.server.test_api import REPO, SERVER_ENV, Server  # the same real-server harness
 from tests.tools import find_tool
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 DOC_SCREENSHOT = REPO / "docs" / "playground.png"  # rewritten only with AMSKV_UPDATE_DOCS=1
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

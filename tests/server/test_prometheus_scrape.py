@@ -18,6 +18,8 @@ import httpx
 import pytest
 from tests.tools import find_tool
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_READY_WAIT_S = 240  # model load + warm-up on a 2-core CPU machine
 PROMETHEUS_WAIT_S = 60  # first sample needs ~6 s: target discovery is batched every 5 s

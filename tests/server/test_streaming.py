@@ -13,6 +13,8 @@ import pytest
 
 from tests.server.test_api import SERVER_ENV, Server, decode, post  # the same real-server harness
 
+pytestmark = pytest.mark.slow  # starts a real server process (about 5 s each on two cores); tests/README.md
+
 STREAM_ENV = {**SERVER_ENV, "AMSKV_FAULT_INJECTION": "1"}
 
 
@@ -97,13 +99,6 @@ def test_an_error_mid_stream_is_an_error_event_with_the_usual_envelope(server):
     # counted by how it ended, not by the 200 the stream started with
     server.wait_for(lambda: counted(server, 500) == failed + 1, 10, "the failed stream counted as 500")
     assert counted(server, 200) == ok
-
-
-def test_a_refused_stream_is_a_plain_http_error_and_bad_formats_are_422(server):
-    bad = stream(server.base, {"class_labels": [4], "response_format": "zip"})
-    assert bad.status_code == 422 and bad.json()["error"]["param"] == "response_format"
-    unknown = stream(server.base, {"class_labels": ["eleven"]})
-    assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "class_labels[0]"
 
 
 def test_a_client_that_leaves_mid_stream_cancels_its_images(server):
