@@ -5,10 +5,15 @@ server whether CUDA exists, so the rest of the code stays device-agnostic.
 """
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.profiler
 
 
 def cuda_available() -> bool:
@@ -59,3 +64,71 @@ def cuda_peak(device: torch.device) -> Iterator[list[int]]:
     yield result
     torch.cuda.synchronize(device)
     result[0] = max(0, torch.cuda.max_memory_allocated(device) - baseline)
+
+
+@dataclass(frozen=True)
+class MemoryEvent:
+    """One allocation (``nbytes`` > 0) or free (< 0) the allocator reported to torch.profiler."""
+
+    ts_us: float
+    thread: int
+    address: int
+    nbytes: int
+
+
+@dataclass
+class AllocatorTrace:
+    """What ``allocator_trace`` recorded: the device's memory events in time order, and the profiler ranges
+    (``torch.profiler.record_function``) by name, as (thread, start, end) in the events' clock."""
+
+    events: list[MemoryEvent] = field(default_factory=list)
+    ranges: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+
+    def peak(self) -> int:
+        """The allocator's peak above the bytes allocated on entry: the running sum of allocations and frees.
+        Frees of blocks allocated before the trace are not reported on the CPU (their size is unknown), so
+        they never lower it there; on CUDA they are, and the peak is still measured from the entry."""
+        live = peak = 0
+        for event in self.events:
+            live += event.nbytes
+            peak = max(peak, live)
+        return peak
+
+    def in_range(self, name: str, event: MemoryEvent) -> bool:
+        return any(thread == event.thread and start <= event.ts_us <= end
+                   for thread, start, end in self.ranges.get(name, ()))
+
+
+@contextmanager
+def allocator_trace(device: torch.device) -> Iterator[AllocatorTrace]:
+    """Record the allocator's memory events on ``device`` with torch.profiler (``profile_memory=True``): the
+    CPU has no allocator statistics of its own, so this is the measurement there; it works on CUDA too."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    trace = AllocatorTrace()
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        yield trace
+    with tempfile.TemporaryDirectory() as folder:  # the exported trace is the public form with addresses
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        raw = json.loads(path.read_text()).get("traceEvents", [])
+    wanted = 1 if device.type == "cuda" else 0  # the trace's "Device Type": c10's DeviceType (CPU 0, CUDA 1)
+    for item in raw:
+        args = item.get("args", {})
+        if item.get("name") == "[memory]" and args.get("Device Type") == wanted:
+            trace.events.append(MemoryEvent(float(item["ts"]), int(item["tid"]), int(args["Addr"]),
+                                            int(args["Bytes"])))
+        elif item.get("cat") == "user_annotation" and "dur" in item:
+            trace.ranges.setdefault(item["name"], []).append(
+                (int(item["tid"]), float(item["ts"]), float(item["ts"]) + float(item["dur"])))
+    trace.events.sort(key=lambda event: event.ts_us)
+
+
+@contextmanager
+def profiled_peak(device: torch.device) -> Iterator[list[int]]:
+    """A peak meter like ``cuda_peak`` for any device, from torch.profiler's memory events (``allocator_trace``)."""
+    result = [0]
+    with allocator_trace(device) as trace:
+        yield result
+    result[0] = trace.peak()

@@ -16,7 +16,7 @@ import torch
 from amskv.calibration import AUTO, OFF, CalibrationSettings, ProfileResolution, describe, resolve_profile
 from amskv.config import BUNDLED_MODELS, VAR_PRESETS, VARConfig
 from amskv.device import resolve_device
-from amskv.generate import decode_images, decode_previews, generate_tokens, plan_pool
+from amskv.generate import TokenResult, decode_images, decode_previews, generate_tokens, plan_pool
 from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_policy
 from amskv.kvcache.profile import CalibrationProfile, read_profile
 from amskv.kvcache.storage import KVPool
@@ -290,13 +290,20 @@ class Engine:
             on_scale = self._preview_hook(previews, on_preview)
         res = self.generate_tokens(labels, seeds, params, pool=pool, on_scale=on_scale)
         t0 = time.perf_counter()
-        images = decode_images(self.vae, res.f_hat, res.tokens, ~res.smooth_rows, self.decode_chunk)
+        images = self.decode(res)
         return GenerationResult(images=images, tokens=[t.cpu() for t in res.tokens],
                                 kv_allocated_bytes=res.kv_allocated_bytes,
                                 kv_peak_stored_bytes=res.kv_peak_stored_bytes, seconds_ar=res.seconds,
                                 seconds_decode=time.perf_counter() - t0, scale_seconds=res.scale_seconds,
                                 expansions=res.expansions,
                                 unplanned_expansions=res.unplanned_expansions)
+
+    @torch.inference_mode()
+    def decode(self, res: TokenResult) -> torch.Tensor:
+        """``generate_tokens``' images, uint8 (B, H, W, C) on the CPU, ``decode_chunk`` images per decoder call:
+        a fixed size, so the decoder's memory is a constant the KV manager budgets apart (measure_activations)."""
+        exact = None if res.smooth_rows is None else ~res.smooth_rows  # rows decoded from their tokens
+        return decode_images(self.vae, res.f_hat, res.tokens, exact, self.decode_chunk)
 
     def _preview_hook(self, previews: Sequence[Collection[int]], on_preview: PreviewCallback):
         wanted = [[row for row, scales in enumerate(previews) if si in scales] for si in range(self.config.num_scales)]

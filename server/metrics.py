@@ -142,6 +142,11 @@ KV_ACTIVATION_RESERVE = Gauge(
     "amskv_kv_cache_activation_reserve_bytes",
     "Fixed activation memory measured at warm-up and held back from the budget (0 on the cpu).", registry=REGISTRY,
 )
+KV_DECODE_RESERVE = Gauge(
+    "amskv_kv_cache_decode_reserve_bytes",
+    "The decoder's activation peak (one fixed-size chunk) measured at warm-up and held back from the budget (0 on "
+    "the cpu).", registry=REGISTRY,
+)
 BATCH_CAP = Gauge(
     "amskv_batch_cap_images",
     "Batch cap after OOM back-off; raised again after successful batches, at most the KV pool's images.",
@@ -355,6 +360,7 @@ def publish_kv_state(state, room: int | None = None) -> None:
     KV_BUDGET.set(state.budget_bytes)
     KV_RESERVED.set(state.reserved_bytes)
     KV_ACTIVATION_RESERVE.set(state.activation_reserve_bytes)
+    KV_DECODE_RESERVE.set(state.decode_reserve_bytes)
     KV_POOL_IMAGES.set(state.pool_images)
     BATCH_CAP.set(state.cap)
     BATCH_MAX.set(state.admissible)

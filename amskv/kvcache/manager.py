@@ -4,8 +4,8 @@ In the manner of vLLM's KV manager, one object answers "how many images fit now?
 memory it allocated once:
 
 - **Budget.** On CUDA: the device's free memory plus the blocks our caching allocator holds but no tensor
-  uses (reusable, though not "free"), times ``gpu_mem_fraction``, less the fixed activation reserve measured
-  at warm-up. On the CPU: the configured KV budget.
+  uses (reusable, though not "free"), times ``gpu_mem_fraction``, less the fixed activation reserve and the
+  decoder's reserve measured at warm-up (``measure_activations``). On the CPU: the configured KV budget.
 - **Pool.** At warm-up the manager allocates K/V buffers once, for the largest admissible batch (KV plus
   the per-image activations measured at warm-up), and every batch then uses views of them.
 - **Slots.** The pool holds ``pool_images`` image slots. The scheduler (``amskv.scheduler``) gets slots for
@@ -13,7 +13,9 @@ memory it allocated once:
   and gives them back with ``release``. A slot holds an image's KV at the plan's peak, so an admitted
   image always completes. ``free_images()`` is the admission room: 0 means no room, a value.
 - **Admission (whole batches).** ``admissible()`` returns how many images one ``generate`` call may run now:
-  the pool's images, the OOM cap, and on CUDA the activations that today's free memory holds.
+  the pool's images, the OOM cap, and on CUDA the activations that today's free memory holds. Online AMS-KV
+  growth beyond the pool gets what the budget leaves (``KVPool.growth``); an expansion that does not fit is
+  refused, as in the slots, and counted (``refused_expansions``).
 - **OOM cap.** ``note_oom(images)`` halves the cap (images per engine call or step) below the failing size;
   after ``recover_after`` consecutive successful calls or steps the cap doubles again, up to the pool's size.
 - **State.** ``state()`` is plain data (budget, reserved, used, bytes per image, cap, ...); the server turns
@@ -23,17 +25,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from amskv.config import MAX_IMAGES
 from amskv.device import cuda_free_bytes, cuda_peak, release_cached_blocks
+from amskv.kvcache.storage import GrowthAllowance, KVPool
+from amskv.memory import max_batch
 
 logger = logging.getLogger(__name__)
-
-MAX_IMAGES = 256  # hard ceiling on images in one engine call, whatever the memory allows
 
 
 @dataclass(frozen=True)
@@ -45,17 +49,55 @@ class KVState:
     bytes_per_image: int  # KV bytes of one image under the policy's plan
     activation_reserve_bytes: int  # fixed part of the activation peak (CUDA; 0 on the CPU)
     activation_bytes_per_image: int  # per-image part of the activation peak (CUDA; 0 on the CPU)
+    decode_reserve_bytes: int  # the decoder's peak, one fixed-size chunk (CUDA; 0 on the CPU)
     pool_images: int  # the largest batch the pool holds
     cap: int  # the batch cap after OOM back-off (pool_images when no OOM is pending)
     admissible: int  # images that fit now (0 = no room)
     unplanned_expansions: int  # online AMS-KV layer expansions beyond the profile, since start
+    refused_expansions: int  # such expansions refused in whole-batch calls for want of room, since start
+
+
+# A peak meter: a context manager whose one-item list holds, on exit, the allocator's peak above the bytes
+# allocated on entry (amskv.device.cuda_peak on CUDA; amskv.device.profiled_peak, torch.profiler, anywhere).
+PeakMeter = Callable[[], AbstractContextManager[list[int]]]
+
+
+@dataclass(frozen=True)
+class ActivationPeaks:
+    """Activation memory of one engine call, KV excluded: token generation ``fixed + per_image * images``;
+    the decoder ``decode`` whatever the batch (it runs ``decode_chunk`` images per call)."""
+
+    fixed: int
+    per_image: int
+    decode: int
+
+
+def measure_activations(engine: Any, params: Any, meter: PeakMeter) -> ActivationPeaks:
+    """Measure token generation at 1 and 2 images and the decoder apart, each under ``meter``.
+
+    The decoder pads every call to ``decode_chunk`` images (8 on CUDA), so a whole ``generate``'s peak is the
+    decoder's at 1 image as at 2, and their difference says nothing of what an image costs; measured apart,
+    the generation gives the per-image figure and the decoder a constant. The token generation allocates its
+    own KV cache, which its result reports and which is taken off (the KV is budgeted as KV)."""
+    def generation(images: int) -> tuple[int, Any]:
+        labels = list(range(images))
+        with meter() as peak:
+            result = engine.generate_tokens(labels, labels, [params] * images)
+        return max(0, peak[0] - int(result.kv_allocated_bytes)), result
+
+    one, result = generation(1)
+    two, _ = generation(2)
+    with meter() as peak:
+        engine.decode(result)
+    per_image = max(0, two - one)
+    return ActivationPeaks(fixed=max(0, one - per_image), per_image=per_image, decode=peak[0])
 
 
 class KVCacheManager:
     def __init__(self, engine: Any, *, max_batch: int = MAX_IMAGES, cpu_budget_bytes: int = 2**30,
                  gpu_mem_fraction: float = 0.9, recover_after: int = 8) -> None:
         if not 1 <= max_batch <= MAX_IMAGES or recover_after < 1 or not 0 < gpu_mem_fraction <= 1:
-            raise ValueError("need 1 <= max_batch <= 256, recover_after >= 1 and 0 < gpu_mem_fraction <= 1")
+            raise ValueError(f"need 1 <= max_batch <= {MAX_IMAGES}, recover_after >= 1 and 0 < gpu_mem_fraction <= 1")
         self.engine = engine
         self.device: torch.device = engine.device
         self.max_batch, self.cpu_budget_bytes = max_batch, cpu_budget_bytes
@@ -64,12 +106,14 @@ class KVCacheManager:
         self.peak_step_tokens = 2 * engine.config.scale_tokens[-1]  # one image's largest step: its last scale
         self.activation_reserve = 0
         self.activation_per_image = 0
-        self.pool = None
+        self.decode_reserve = 0
+        self.pool: KVPool | None = None
         self.pool_images = 0
         self.cap = 0
         self._successes = 0
         self._batch_images = 0  # images of the whole-batch call running now (``generate``)
         self.unplanned_expansions = 0
+        self.refused_expansions = 0
         self._free_runs: list[tuple[int, int]] = []  # (first slot, count), sorted, never adjacent
 
     @property
@@ -78,40 +122,42 @@ class KVCacheManager:
 
     # --- warm-up ------------------------------------------------------------------------------------
     def warm_up(self, params: Any) -> None:
-        """First-call allocations and kernels; on CUDA measure the activation peak at 1 and 2 images and
-        extrapolate linearly. Then allocate the pool for the largest admissible batch. Raises ValueError
-        when the budget holds no image."""
+        """First-call allocations and kernels; on CUDA measure the activations (``measure_activations``: token
+        generation at 1 and 2 images, extrapolated linearly, and the decoder apart). Then allocate the pool for
+        the largest admissible batch. Raises ValueError when the budget holds no image."""
         self.engine.generate([0], [0], [params])
         if self.on_cuda:
-            peak1, peak2 = self._measure_peak([0], params), self._measure_peak([0, 1], params)
-            self.activation_per_image = max(0, peak2 - peak1)
-            self.activation_reserve = max(0, peak1 - self.activation_per_image)
+            peaks = measure_activations(self.engine, params, lambda: cuda_peak(self.device))
+            self.activation_reserve, self.activation_per_image = peaks.fixed, peaks.per_image
+            self.decode_reserve = peaks.decode
         budget = self._free_budget()
         per_image = self.bytes_per_image + self.activation_per_image
-        images = min(self.max_batch, budget // per_image if per_image else self.max_batch)
+        images = max_batch(budget, per_image, self.max_batch)
         if images < 1:
             raise ValueError(
                 f"the KV budget ({budget} bytes) holds no image ({self.bytes_per_image} bytes of KV each"
                 f"{f' plus {self.activation_per_image} of activations' if self.activation_per_image else ''}); "
                 "raise AMSKV_KV_BUDGET_GIB or AMSKV_GPU_MEM_FRACTION")
-        self.pool = self.engine.new_pool(images)
+        self.pool = pool = self.engine.new_pool(images)
+        pool.growth = GrowthAllowance(room_bytes=0)  # the pool is the budget's: growth only by generate
         self.pool_images = self.cap = images
         self._free_runs = [(0, images)]
         logger.info("KV pool: %d images, %.2f MiB (%.3f MiB per image); activation reserve %.1f MiB + %.2f MiB "
-                    "per image", images, self.pool.nbytes / 2**20, self.bytes_per_image / 2**20,
-                    self.activation_reserve / 2**20, self.activation_per_image / 2**20)
-
-    def _measure_peak(self, labels: list[int], params: Any) -> int:
-        """Peak device bytes above the baseline for one batch, KV cache excluded."""
-        with cuda_peak(self.device) as peak:
-            result = self.engine.generate(labels, labels, [params] * len(labels))
-        return max(0, peak[0] - int(result.kv_allocated_bytes))
+                    "per image, decoder %.1f MiB", images, pool.nbytes / 2**20, self.bytes_per_image / 2**20,
+                    self.activation_reserve / 2**20, self.activation_per_image / 2**20, self.decode_reserve / 2**20)
 
     def _free_budget(self) -> int:
         """Bytes available beyond what is allocated now (the pool, once it exists, is allocated)."""
         if not self.on_cuda:
             return self.cpu_budget_bytes - (self.pool.nbytes if self.pool is not None else 0)
-        return max(0, int(cuda_free_bytes(self.device) * self.gpu_mem_fraction) - self.activation_reserve)
+        # the decoder runs in the same step as the generation (a finished cohort), so both reserves are held
+        reserve = self.activation_reserve + self.decode_reserve
+        return max(0, int(cuda_free_bytes(self.device) * self.gpu_mem_fraction) - reserve)
+
+    def _growth_room(self, images: int) -> int:
+        """Bytes a whole-batch call of ``images`` images may grow beyond the pool: what the budget leaves (on
+        CUDA after the call's activations)."""
+        return max(0, self._free_budget() - (self.activation_per_image * images if self.on_cuda else 0))
 
     # --- admission ----------------------------------------------------------------------------------
     def admissible(self) -> int:
@@ -189,10 +235,13 @@ class KVCacheManager:
         if self.pool is None or len(labels) > self.pool_images:
             raise ValueError(f"{len(labels)} images exceed the KV pool ({self.pool_images} images)")
         self._batch_images = len(labels)
+        growth = self.pool.growth = GrowthAllowance(self._growth_room(len(labels)))
         try:
             result = self.engine.generate(list(labels), list(seeds), list(params), pool=self.pool, **previews)
         finally:
             self._batch_images = 0
+            self.pool.growth = GrowthAllowance(room_bytes=0)  # the room was this call's; outside one, none
+            self.refused_expansions += len(growth.refused_layers)
         self.unplanned_expansions += len(result.unplanned_expansions)
         self.note_success()
         return result
@@ -208,10 +257,12 @@ class KVCacheManager:
     def state(self) -> KVState:
         reserved = self.pool.nbytes if self.pool is not None else 0
         return KVState(
-            device=str(self.device), budget_bytes=reserved + self._free_budget() if self.on_cuda else self.cpu_budget_bytes,
+            device=str(self.device),
+            budget_bytes=reserved + self._free_budget() if self.on_cuda else self.cpu_budget_bytes,
             reserved_bytes=reserved, used_bytes=self.bytes_per_image * (self._held_slots() + self._batch_images),
             bytes_per_image=self.bytes_per_image,
             activation_reserve_bytes=self.activation_reserve, activation_bytes_per_image=self.activation_per_image,
-            pool_images=self.pool_images, cap=self.cap, admissible=self.admissible(),
-            unplanned_expansions=self.unplanned_expansions)
+            decode_reserve_bytes=self.decode_reserve, pool_images=self.pool_images, cap=self.cap,
+            admissible=self.admissible(), unplanned_expansions=self.unplanned_expansions,
+            refused_expansions=self.refused_expansions)
 

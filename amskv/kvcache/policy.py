@@ -7,12 +7,13 @@ makes the predicted bytes equal the bytes held.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from amskv.kvcache.profile import load_profile  # noqa: F401 - re-exported, make_policy reads profiles
 
 Similarity = Callable[[], float]  # lazily computed inter-scale key similarity of one layer
+CanExpand = bool | Callable[[], bool]  # whether a due expansion has room; a callable is asked only when due
 
 
 @dataclass
@@ -40,9 +41,10 @@ class KVPolicy:
         return LayerState()
 
     def decide(self, state: LayerState, layer: int, si: int, scale_tokens: tuple[int, ...],
-               similarity: Similarity, can_expand: bool = True) -> Decision:
+               similarity: Similarity, can_expand: CanExpand = True) -> Decision:
         """``can_expand`` False: the storage has no room for this layer to grow, so a due expansion is refused
-        (recorded in ``state.refused_at``) and the layer keeps its budget: "no room" is a value."""
+        (recorded in ``state.refused_at``) and the layer keeps its budget: "no room" is a value. A callable is
+        asked only when an expansion is due (the storage reserves the room when it answers True)."""
         raise NotImplementedError
 
     def params(self) -> dict:
@@ -136,7 +138,7 @@ class AMSKVPolicy(KVPolicy):
         self.planned = None if planned is None or demanding is not None else tuple(bool(p) for p in planned)
 
     def params(self):
-        p = {"c_cds": self.c_cds, "c_min": self.c_min, "c_max": self.c_max}
+        p: dict[str, object] = {"c_cds": self.c_cds, "c_min": self.c_min, "c_max": self.c_max}
         if self.demanding is None:
             p["theta"] = self.theta
         else:
@@ -178,7 +180,7 @@ class AMSKVPolicy(KVPolicy):
             if state.expanded_at is None and state.budget < self.c_max and not tested:
                 tested = True
                 if self.is_demanding(layer, similarity):
-                    if can_expand:
+                    if can_expand if isinstance(can_expand, bool) else can_expand():
                         state.budget, state.expanded_at = self.c_max, si
                         continue
                     state.refused_at = si

@@ -9,14 +9,21 @@ buffer, so its memory is really reused. Nothing here calls ``torch.cat``.
 
 A ``KVPool`` holds these buffers for the largest batch once; a ``KVCache`` built on it uses views of its
 first rows, so batch after batch allocates nothing. The one exception is online AMS-KV with a profile: a
-layer that expands although the profile did not plan it gets a larger buffer on the spot (``unplanned``).
+layer that expands although the profile did not plan it gets a larger buffer on the spot (``unplanned``),
+but only within the pool's ``GrowthAllowance``: an expansion whose buffers would not fit is refused (the
+layer keeps ``c_min``), so a budget the pool's owner grants is never exceeded.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from amskv.kvcache.policy import Decision, KVPolicy, LayerState
 from amskv.kvcache.similarity import key_similarity
@@ -29,23 +36,57 @@ class Segment:
     length: int
 
 
+# The profiler range around every K/V allocation (pool, a cache's own buffers, growth), so that an allocator
+# trace (torch.profiler with profile_memory=True) can tell K/V from activations: tests measure the KV peak with
+# it (tests/amskv/kvcache/test_budget.py), not with our own sums.
+KV_RANGE = "amskv.kv"
+
+
+@dataclass
+class GrowthAllowance:
+    """Bytes that caches may allocate beyond their plan: online AMS-KV's expansions a profile did not plan.
+
+    The pool's owner (the KV manager) grants ``room_bytes`` for one call (None: unbounded, the CLI's and the
+    benchmarks' calls without a budget). An expansion is accepted only when the peak of the buffers it may grow
+    into (``LayerKV.growth_peak_bytes``) fits in what is left; otherwise it is refused, the layer keeps its
+    ``c_min`` budget, and the layer is listed in ``refused_layers``: "no room" is a value, as in the slots.
+    """
+
+    room_bytes: int | None = None
+    reserved_bytes: int = 0  # the growth peaks of the expansions accepted so far
+    refused_layers: set[int] = field(default_factory=set)  # layers refused and never expanded since
+
+    def reserve(self, layer: int, nbytes: int) -> bool:
+        """Take ``nbytes`` for ``layer``'s expansion if they fit; False (counted) when they do not."""
+        if self.room_bytes is not None and self.reserved_bytes + nbytes > self.room_bytes:
+            self.refused_layers.add(layer)
+            return False
+        self.reserved_bytes += nbytes
+        self.refused_layers.discard(layer)  # refused at an earlier scale, it fits now: it expanded after all
+        return True
+
+
 class KVPool:
-    """K/V buffers for up to ``images`` images (both CFG rows), allocated once from a plan's token counts."""
+    """K/V buffers for up to ``images`` images (both CFG rows), allocated once from a plan's token counts.
+
+    ``growth``: what caches on the pool may allocate beyond it (unbounded until the owner sets a budget)."""
 
     def __init__(self, images: int, heads: int, head_dim: int, capacities: list[int], workspace_tokens: int,
                  dtype, device):
         rows = 2 * images
         self.images, self.capacities, self.workspace_tokens = images, tuple(capacities), workspace_tokens
         self.dtype, self.device = dtype, torch.device(device)
-        self.k = [torch.empty(rows, heads, c, head_dim, dtype=dtype, device=device) for c in capacities]
-        self.v = [torch.empty_like(k) for k in self.k]
-        self.ws_k = torch.empty(rows, heads, workspace_tokens, head_dim, dtype=dtype, device=device) \
-            if workspace_tokens else None
-        self.ws_v = torch.empty_like(self.ws_k) if self.ws_k is not None else None
+        self.growth = GrowthAllowance()
+        with record_function(KV_RANGE):
+            self.k = [torch.empty(rows, heads, c, head_dim, dtype=dtype, device=device) for c in capacities]
+            self.v = [torch.empty_like(k) for k in self.k]
+            self.ws_k = torch.empty(rows, heads, workspace_tokens, head_dim, dtype=dtype, device=device) \
+                if workspace_tokens else None
+            self.ws_v = torch.empty_like(self.ws_k) if self.ws_k is not None else None
 
     @property
     def nbytes(self) -> int:
-        tensors = self.k + self.v + ([self.ws_k, self.ws_v] if self.ws_k is not None else [])
+        tensors = self.k + self.v + [t for t in (self.ws_k, self.ws_v) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def fits(self, rows: int, capacities: list[int], workspace_tokens: int, dtype, row_offset: int = 0) -> bool:
@@ -57,11 +98,12 @@ class Workspace:
     """Scratch K/V for one layer at a time: [kept scales + current scale] when they exceed the layer buffer."""
 
     def __init__(self, rows: int, heads: int, head_dim: int, tokens: int, dtype, device, pool: KVPool | None = None):
-        if pool is not None:
+        if pool is not None and pool.ws_k is not None and pool.ws_v is not None:
             self.k, self.v = pool.ws_k[:rows], pool.ws_v[:rows]
         else:
-            self.k = torch.empty(rows, heads, tokens, head_dim, dtype=dtype, device=device)
-            self.v = torch.empty_like(self.k)
+            with record_function(KV_RANGE):
+                self.k = torch.empty(rows, heads, tokens, head_dim, dtype=dtype, device=device)
+                self.v = torch.empty_like(self.k)
 
     @property
     def nbytes(self) -> int:
@@ -71,21 +113,25 @@ class Workspace:
 class LayerKV:
     """The object a layer's attention talks to: ``attend`` before SDPA, ``commit`` after it."""
 
-    def __init__(self, cache: "KVCache", layer: int, capacity: int, pool: KVPool | None = None):
-        self.cache, self.layer = cache, layer
+    def __init__(self, cache: KVCache, layer: int, capacity: int, pool: KVPool | None = None):
+        # a weak reference: a cycle (cache -> layers -> cache) would keep this batch's own and grown buffers
+        # alive until the garbage collector runs, past the call, and so past the budget (measured)
+        self.cache: KVCache = weakref.proxy(cache)
+        self.layer = layer
         rows, heads, head_dim = cache.rows, cache.heads, cache.head_dim
         if pool is not None:  # views of the pool's rows from the cache's offset: contiguous, nothing allocated
             first = cache.row_offset
             self.k, self.v = pool.k[layer][first:first + rows], pool.v[layer][first:first + rows]
         else:
-            self.k = torch.empty(rows, heads, capacity, head_dim, dtype=cache.dtype, device=cache.device)
-            self.v = torch.empty_like(self.k)
+            with record_function(KV_RANGE):
+                self.k = torch.empty(rows, heads, capacity, head_dim, dtype=cache.dtype, device=cache.device)
+                self.v = torch.empty_like(self.k)
         self.capacity = capacity
         self.grown_bytes = 0  # bytes of the buffer this layer grew into beyond the plan (0: the planned one)
         self.segments: list[Segment] = []
         self.length = 0
         self.state: LayerState = cache.policy.init_layer(layer)
-        self._pending: tuple[int, int, bool] | None = None  # (tokens, in_workspace, kept_before)
+        self._pending: tuple[int, bool, int] | None = None  # (tokens, in_workspace, kept_before)
         self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -101,6 +147,7 @@ class LayerKV:
         if n + T <= self.capacity:
             buf_k, buf_v, in_ws = self.k, self.v, False
         else:
+            assert ws is not None  # kept + current exceeds the buffer only where the workspace holds it
             buf_k, buf_v, in_ws = ws.k, ws.v, True
             buf_k[:, :, :n].copy_(self.k[:, :, :n])
             buf_v[:, :, :n].copy_(self.v[:, :, :n])
@@ -116,8 +163,9 @@ class LayerKV:
         """Replace the buffer by one of ``tokens`` positions, keeping the kept prefix; counted as unplanned."""
         if not self.cache.allow_growth:
             raise RuntimeError(f"layer {self.layer}: {tokens} tokens exceed the planned capacity")
-        k = torch.empty(*self.k.shape[:2], tokens, self.k.shape[3], dtype=self.k.dtype, device=self.k.device)
-        v = torch.empty_like(k)
+        with record_function(KV_RANGE):
+            k = torch.empty(*self.k.shape[:2], tokens, self.k.shape[3], dtype=self.k.dtype, device=self.k.device)
+            v = torch.empty_like(k)
         k[:, :, :self.length].copy_(self.k[:, :, :self.length])
         v[:, :, :self.length].copy_(self.v[:, :, :self.length])
         grown_before = self.grown_bytes
@@ -135,6 +183,7 @@ class LayerKV:
         prev = next((s for s in self.segments if s.scale == si - 1), None)
         if prev is None:
             return float("inf")  # nothing to compare with: treat the layer as cache-efficient
+        assert self._pending is not None and self._buf is not None, "similarity() is asked between attend and commit"
         T, _, n = self._pending
         k_prev = self.k[:, :, prev.start:prev.start + prev.length]  # (rows, H, pn_prev^2, hd)
         k_cur = self._buf[0][:, :, n:n + T]  # (rows, H, pn^2, hd)
@@ -142,11 +191,45 @@ class LayerKV:
         self.cache.similarities.setdefault(self.layer, {})[si] = sim
         return sim
 
+    def growth_peak_bytes(self, before: LayerState) -> int:
+        """The most bytes this layer's grown buffers would hold at once if it expanded at this scale.
+
+        The policy is replayed on token counts from this scale on, as a demanding layer, from ``before`` (its
+        state before this scale's decision), against this layer's capacity and the shared workspace, as
+        ``attend`` and ``commit`` would grow it; while a grown buffer is replaced by a larger one, both exist.
+        """
+        tokens, policy = self.cache.scale_tokens, self.cache.policy
+        state = dataclasses.replace(before, kept=list(before.kept))
+        workspace = self.cache.workspace.k.shape[2] if self.cache.workspace is not None else 0
+        capacity, held, peak, kept = self.capacity, 0, 0, self.length
+        for si in range(self.cache.scale, len(tokens)):
+            sizes = []
+            if si > self.cache.scale and kept + tokens[si] > max(capacity, workspace):
+                sizes.append(kept + tokens[si])  # attend: kept + current fit neither the buffer nor the workspace
+            policy.decide(state, self.layer, si, tokens, lambda: -math.inf, can_expand=True)
+            kept = sum(tokens[s] for s in state.kept)
+            sizes.append(kept)  # commit: the survivors
+            for size in sizes:
+                if size > capacity:
+                    peak, held, capacity = max(peak, held + size * self._token_bytes), size * self._token_bytes, size
+        return peak
+
+    @property
+    def _token_bytes(self) -> int:
+        return 2 * self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+
     def commit(self) -> None:
+        assert self._pending is not None and self._buf is not None, "commit() follows attend()"
         T, in_ws, n = self._pending
         si = self.cache.scale
         policy = self.cache.policy
-        can_expand = self.cache.allow_growth or getattr(policy, "is_planned", lambda layer: True)(self.layer)
+        planned = getattr(policy, "is_planned", lambda layer: True)(self.layer)
+        can_expand: bool | Callable[[], bool] = planned
+        if not planned and self.cache.allow_growth:  # growth beyond the plan, within the pool's allowance
+            before = dataclasses.replace(self.state, kept=list(self.state.kept))
+
+            def can_expand() -> bool:  # asked only when the expansion is due
+                return self.cache.growth.reserve(self.layer, self.growth_peak_bytes(before))
         decision: Decision = policy.decide(self.state, self.layer, si, self.cache.scale_tokens, self.similarity,
                                            can_expand=can_expand)
         current = Segment(si, n, T)
@@ -199,6 +282,7 @@ class KVCache:
         self.pooled, self.pool = pool is not None, pool
         # growth is legitimate only when the plan is a profile's, not the worst case
         self.allow_growth = growth and getattr(policy, "planned", None) is not None
+        self.growth = pool.growth if pool is not None else GrowthAllowance()  # a cache of its own: unbounded
         self.unplanned_bytes = 0  # the peak of the grown buffers held at once (a replaced one is freed)
         self._grown_now = 0
         self.workspace = Workspace(rows, heads, head_dim, workspace_tokens, dtype, device, pool) \
@@ -254,7 +338,7 @@ class KVCache:
         """Layers whose expansion was due but refused, the pool having no room for it (``growth=False``)."""
         return [layer.layer for layer in self.layers if layer.state.refused_at is not None]
 
-    def split(self, image: int, count: int) -> "KVCache":
+    def split(self, image: int, count: int) -> KVCache:
         """The cache of images ``image .. image + count`` alone, on the same pool rows (nothing is copied).
 
         Rows are laid out per image (2i conditional, 2i + 1 unconditional), so any run of images is a
@@ -266,7 +350,7 @@ class KVCache:
                        self.workspace.k.shape[2] if self.workspace is not None else 0, self.dtype, self.device,
                        self.observer, self.pool, self.row_offset + 2 * image, growth=self.allow_growth)
         part.scale = self.scale
-        for mine, theirs in zip(part.layers, self.layers):
+        for mine, theirs in zip(part.layers, self.layers, strict=True):
             mine.segments, mine.length = list(theirs.segments), theirs.length
             mine.state = copy.deepcopy(theirs.state)
         part._stored_tokens = list(self._stored_tokens)

@@ -98,10 +98,12 @@ def test_online_expansion_beyond_the_profile_is_an_exception_not_a_reservation(g
     assert run.kv_peak_stored_bytes == reference.kv_peak_stored_bytes
     assert planned.memory(2).allocated_bytes < run.kv_allocated_bytes  # the growth is counted on top of the plan
     assert [t.data_ptr() for t in pool.k + pool.v] == pointers  # the pool itself stays as planned
-    manager = KVCacheManager(planned, cpu_budget_bytes=4 * planned.kv_bytes_per_image())
+    # a budget with room beyond the pool (tests/amskv/kvcache/test_budget.py refuses growth that does not fit)
+    manager = KVCacheManager(planned, max_batch=4, cpu_budget_bytes=8 * planned.kv_bytes_per_image())
     manager.warm_up(PARAMS)
     manager.generate(labels, seeds, [PARAMS] * 2)
     assert manager.state().unplanned_expansions == 1  # this batch expanded layer 1 (warm-up is not counted)
+    assert manager.state().refused_expansions == 0
     assert math.isfinite(manager.state().budget_bytes)
 
 
