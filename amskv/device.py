@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,3 +133,32 @@ def profiled_peak(device: torch.device) -> Iterator[list[int]]:
     with allocator_trace(device) as trace:
         yield result
     result[0] = trace.peak()
+
+class DeviceTimer:
+    """Wall time between marks for work queued on ``device``, without draining it at every mark.
+
+    On CUDA each ``mark`` records an event on the current stream and ``seconds`` waits once, for the last
+    mark, then reads the event pairs; a ``torch.cuda.synchronize`` per mark (per scale) would stall the
+    launch queue that many times. On the CPU a mark is ``time.perf_counter()``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device if device.type == "cuda" else None
+        self._marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self._device is None:
+            self._marks.append(time.perf_counter())
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self._device))
+        self._marks.append(event)
+
+    def seconds(self) -> list[float]:
+        """Seconds between consecutive marks, in order; waits for the last mark's work on CUDA."""
+        marks = self._marks
+        if self._device is None:
+            return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:], strict=False)]  # elapsed_time: ms

@@ -21,7 +21,7 @@ from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_pol
 from amskv.kvcache.profile import CalibrationProfile, read_profile
 from amskv.kvcache.storage import KVPool
 from amskv.memory import DTYPES, KVMemory, kv_memory, max_batch
-from amskv.model.invariant import set_batch_invariant
+from amskv.model.invariance_probe import Invariance, choose as choose_invariance
 from amskv.model.loading import CheckpointError, load_pair
 from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
@@ -110,7 +110,7 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, var: VAR, vae: VQVAE, policy: KVPolicy, dtype: torch.dtype, device: torch.device,
-                 name: str | None = None):
+                 name: str | None = None, batch_invariant: str = "auto"):
         self.var, self.vae, self.policy = var, vae, policy
         self.dtype, self.device = dtype, device
         self.config = var.config
@@ -120,14 +120,18 @@ class Engine:
         self.channels = vae.config.in_channels
         self.decode_chunk = DECODE_CHUNK.get(device.type, 8)
         self.profile_resolution = ProfileResolution(None, "none")
-        set_batch_invariant(var, True)  # an image must not depend on its batch mates (amskv/model/invariant.py)
-        set_batch_invariant(vae, True)
+        # an image must not depend on its batch mates; auto checks at load which cheap GEMM form keeps rows
+        # independent on this device (amskv/model/invariance_probe.py), off gives that up for speed
+        self.invariance: Invariance = choose_invariance(var, vae, batch_invariant, device)
+        logger.info("%s: batch invariance %s (chosen in %.2f s)", self.model_name, self.invariance.describe(),
+                    self.invariance.seconds)
 
     @classmethod
     def load(cls, var_path: str | Path | None = None, vae_path: str | Path | None = None, *,
              policy: str = DEFAULT_POLICY, policy_args: dict | None = None, dtype: str = "fp32",
              device: str = "cpu", profile: str | Path = AUTO, profile_cache_dir: str | Path | None = None,
-             calibration: CalibrationSettings | None = None, model: str | None = None) -> "Engine":
+             calibration: CalibrationSettings | None = None, model: str | None = None,
+             batch_invariant: str = "auto") -> "Engine":
         """``None`` paths load a bundled model: ``model`` (demo or mnist64; default demo), never given with paths.
         Raises CheckpointError or ValueError on bad input.
 
@@ -160,7 +164,7 @@ class Engine:
             var.blocks.to(torch_dtype)  # the head, f_hat and the VQVAE stay in fp32
             if var.config.shared_aln:
                 var.shared_ada_lin.to(torch_dtype)
-        engine = cls(var, vae, kv_policy, torch_dtype, torch_device)
+        engine = cls(var, vae, kv_policy, torch_dtype, torch_device, batch_invariant=batch_invariant)
         if isinstance(kv_policy, AMSKVPolicy):
             engine._attach_profile(policy, policy_args, profile, bundled_profile, var_path, vae_path,
                                    profile_cache_dir, calibration or CalibrationSettings())
@@ -219,7 +223,7 @@ class Engine:
     def with_policy(self, policy: str, policy_args: dict | None = None) -> "Engine":
         """The same weights under another KV policy."""
         return Engine(self.var, self.vae, make_policy(policy, self.config.patch_nums, policy_args),
-                      self.dtype, self.device, self.model_name)
+                      self.dtype, self.device, self.model_name, self.invariance.mode)
 
     def memory(self, batch: int) -> KVMemory:
         return kv_memory(self.config, self.policy, batch, self.dtype)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from amskv.device import DeviceTimer
 from amskv.kvcache.policy import KVPolicy
 from amskv.kvcache.storage import KVCache, KVPool
 from amskv.memory import KVPlan, plan_kv
-from amskv.model.invariant import invariant_linear
 from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
 from amskv.sampling import RowParams, cfg_mix, filter_top_k_top_p_, sample_tokens, smooth_weights
@@ -86,8 +86,8 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
         + lvl_pos[:, :first_l]  # (2B, first_l, C)
     f_hat = cond_BD.new_zeros(B, cfg.cvae, cfg.patch_nums[-1], cfg.patch_nums[-1])
     smooth_any = bool(params.more_smooth.any())
-    tokens, scale_seconds = [], []
-    scale_began = time.perf_counter()
+    tokens = []
+    timer = DeviceTimer(device)  # one mark per scale, read once at the end: no device sync per scale
     for si in range(S):
         ratio = si / (S - 1) if S > 1 else 0.0
         cache.begin_scale(si)
@@ -102,11 +102,8 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
             on_scale(si, f_hat)
         if nxt is not None:
             x = nxt.repeat(2, 1, 1)  # (B, pn'^2, C) -> (2B, pn'^2, C): conditional rows, then unconditional
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
-        now = time.perf_counter()
-        scale_seconds.append(now - scale_began)
-        scale_began = now
+        timer.mark()
+    scale_seconds = timer.seconds()  # waits for the last scale's kernels: time the work, not its launch
     return TokenResult(
         f_hat=f_hat, tokens=tokens, kv_allocated_bytes=cache.allocated_bytes,
         kv_peak_stored_bytes=cache.peak_stored_bytes, kept_after_scale=cache.kept_after_scale,
@@ -133,7 +130,8 @@ def sample_scale(var: VAR, quant, logits: torch.Tensor, seeds: torch.Tensor, par
     code = quant.embedding(idx)  # (B, pn^2, Cvae)
     if smooth:
         weights = smooth_weights(logits, seeds, si, ratio)  # (B, pn^2, V)
-        soft = invariant_linear(weights, quant.embedding.weight.t())  # weights @ codebook: (B, pn^2, Cvae)
+        # weights @ codebook: (B, pn^2, Cvae), in the GEMM form the engine chose (amskv/model/invariant.py)
+        soft = quant.codebook_gemm.linear(weights, quant.embedding.weight.t())
         code = torch.where(params.more_smooth.view(B, 1, 1), soft, code)
     h_BChw = code.transpose(1, 2).reshape(B, cfg.cvae, pn, pn)  # (B, pn^2, Cv) -> (B, Cv, pn, pn)
     nxt = quant.next_autoregressive_input(si, f_hat, h_BChw)

@@ -8,18 +8,18 @@ embeddings) run once on every token, and attention runs per cohort against that 
 
 Rows are laid out per image: row 2i is image i's conditional row and row 2i + 1 its unconditional one,
 so that any run of a cohort's images is a contiguous run of rows, in the step's tensors and in the KV
-pool. Every operation is row-independent (batch-invariant GEMM tiles, per-row sampling, padded
-convolutions), so an image is bit-identical whether it runs alone or beside any mix of other images,
-and equal to ``amskv.generate.generate_tokens`` on the same label, seed and parameters.
+pool. Every operation is row-independent (batch-invariant GEMMs, amskv/model/invariant.py; per-row
+sampling; padded convolutions), so an image is bit-identical whether it runs alone or beside any mix of
+other images, and equal to ``amskv.generate.generate_tokens`` on the same label, seed and parameters.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from amskv.device import DeviceTimer
 from amskv.generate import allocate_cache, decode_images, decode_previews, sample_scale
 from amskv.kvcache.policy import KVPolicy
 from amskv.kvcache.storage import KVCache, KVPool
@@ -87,7 +87,8 @@ def new_cohort(var: VAR, policy: KVPolicy, pool: KVPool, slot: int, labels: torc
 @torch.no_grad()
 def run_step(var: VAR, vae: VQVAE, cohorts: list[Cohort], decode_chunk: int = 8) -> StepResult:
     """Advance every cohort by one scale; cohorts that finish their last scale are decoded."""
-    began = time.perf_counter()
+    device = cohorts[0].labels.device if cohorts else torch.device("cpu")
+    timer = DeviceTimer(device)  # CUDA events, read once at the end of the step: no sync to time each part
     cfg = var.config
     S, C, V = cfg.num_scales, cfg.embed_dim, cfg.vocab_size
     spans, xs, conds, caches, first = [], [], [], [], 0
@@ -123,13 +124,13 @@ def run_step(var: VAR, vae: VQVAE, cohorts: list[Cohort], decode_chunk: int = 8)
         if nxt is not None:
             c.x = nxt.repeat_interleave(2, dim=0)  # (n, pn'^2, C) -> (2n, pn'^2, C): both CFG rows of each image
         c.scale += 1
-    if cohorts and cohorts[0].labels.device.type == "cuda":
-        torch.cuda.synchronize(cohorts[0].labels.device)  # time the work, not its launch
-    decoded = time.perf_counter()
+    timer.mark()
     for c in cohorts:
         if c.scale == S:
             images = decode_images(vae, c.f_hat, c.tokens, ~c.params.more_smooth, decode_chunk)
             finished.append((c, images))
     refused = sum(len(c.cache.refused_expansions()) for c, _ in finished)
-    return StepResult(finished, previews, rows_per_scale, first, refused, seconds_ar=decoded - began,
-                      seconds_decode=time.perf_counter() - decoded)
+    timer.mark()
+    seconds_ar, seconds_decode = timer.seconds()
+    return StepResult(finished, previews, rows_per_scale, first, refused, seconds_ar=seconds_ar,
+                      seconds_decode=seconds_decode)

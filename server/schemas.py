@@ -186,6 +186,8 @@ class ModelCard(BaseModel):
     vanilla_kv_bytes_per_image: int
     max_batch: int
     kv_cache: KVCacheCard | None = None
+    batch_invariance: str = Field("", description="how an image is kept bit-identical whatever its batch mates "
+                                  "(AMSKV_BATCH_INVARIANT and what auto chose on this device)")
 
 
 class ModelList(BaseModel):

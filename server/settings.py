@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="None = fp32 on cpu, bf16 on cuda")
     device: Literal["cpu", "cuda", "auto"] = "auto"
     torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads; None = default")
+    batch_invariant: Literal["auto", "tiles", "off"] = Field(
+        "auto", description="auto: check at load which cheap GEMM form keeps an image bit-identical whatever its "
+        "batch mates (fixed tiles where none does); tiles: always fixed 64-row tiles; off: plain GEMMs, fastest, "
+        "an image may change in its last bits with its batch mates")
 
     # HTTP.
     host: str = "127.0.0.1"

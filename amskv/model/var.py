@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from amskv.config import VARConfig
-from amskv.model.invariant import Linear, invariant_linear
+from amskv.model.invariant import Linear
 
 # ln(100) rounded to float32, as the original computes it with torch.log(torch.tensor(100)).item().
 MAX_SCALE_MUL = 4.605170249938965
@@ -30,8 +30,6 @@ class FFN(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    batch_invariant = False  # set with amskv.model.invariant.set_batch_invariant
-
     def __init__(self, cfg: VARConfig):
         super().__init__()
         C, H = cfg.embed_dim, cfg.num_heads
@@ -51,8 +49,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, kv=None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))  # parameters, not K/V
-        linear = invariant_linear if self.batch_invariant else F.linear
-        qkv = linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, hd)
+        # mat_qkv's own GEMM form (amskv.model.invariant), with the q/v bias it lacks as a module
+        qkv = self.mat_qkv.gemm.linear(x, self.mat_qkv.weight, bias)
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3C) -> (B, L, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if self.l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
@@ -76,8 +75,7 @@ class SelfAttention(nn.Module):
         against that group's own KV cache (``packing.kv[g]``, this layer's ``LayerKV``)."""
         T, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        linear = invariant_linear if self.batch_invariant else F.linear
-        qkv = linear(x, self.mat_qkv.weight, bias)  # (T, 3C)
+        qkv = self.mat_qkv.gemm.linear(x, self.mat_qkv.weight, bias)  # (T, 3C)
         out = qkv.new_empty(T, C)
         for (t0, rows, length), kv in zip(packing.spans, packing.layer_kv):
             part = qkv[t0:t0 + rows * length].view(rows, length, 3, self.num_heads, self.head_dim)  # (R, L, 3, H, hd)

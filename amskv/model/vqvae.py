@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from amskv.config import VQVAEConfig
-from amskv.model.invariant import in_fixed_batches
+from amskv.model.invariant import TILES, GemmForm, in_fixed_batches
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -203,6 +203,8 @@ class VectorQuantizer2(nn.Module):
         self.quant_resi = PhiPartiallyShared([Phi(cfg.z_channels, cfg.quant_resi) for _ in range(cfg.share_quant_resi)])
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
         self.phi_index = phi_index_per_scale(cfg.share_quant_resi, len(self.patch_nums))
+        # the more_smooth path's soft codes (weights @ codebook): fixed tiles unless the engine chose a form
+        self.codebook_gemm: GemmForm = TILES
 
     def phi(self, si: int) -> Phi:
         return self.quant_resi.qresi_ls[self.phi_index[si]]

@@ -24,6 +24,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_policy: str = D
     parser.add_argument("--profile-cache-dir", metavar="DIR",
                         help="where a checkpoint's KV calibration profile is cached, so it is calibrated once "
                              "(default: the server's, $XDG_CACHE_HOME/amskv/profiles or ~/.cache/amskv/profiles)")
+    parser.add_argument("--batch-invariant", default="auto", choices=("auto", "tiles", "off"),
+                        help="keep an image bit-identical whatever its batch mates: auto checks the cheapest form "
+                             "at load; off is fastest (images may change in their last bits with the batch)")
 
 
 def parse_policy_args(items: list[str]) -> dict[str, str]:
@@ -46,4 +49,5 @@ def load_engine(args: argparse.Namespace):
     # the command line is an entry point: it may read the environment (the library does not)
     cache = Path(args.profile_cache_dir) if args.profile_cache_dir else default_cache_dir(os.environ, Path.home())
     return Engine.load(args.var, args.vae, policy=args.policy, policy_args=parse_policy_args(args.policy_arg),
-                       dtype=args.dtype, device=args.device, model=args.model, profile_cache_dir=cache)
+                       dtype=args.dtype, device=args.device, model=args.model, profile_cache_dir=cache,
+                       batch_invariant=args.batch_invariant)
