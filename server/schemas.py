@@ -281,7 +281,8 @@ class ImagesGenerationRequest(BaseModel):
 
     @property
     def labels(self) -> list[int]:
-        """The prompt's class index, once per request (one label); set by validation with the model's limits."""
+        """The prompt's class index as a one-label list, as GenerateRequest.labels; set by validation with the
+        model's limits."""
         if not self._labels:
             raise RuntimeError("the request was not validated against the model (ModelLimits context)")
         return self._labels

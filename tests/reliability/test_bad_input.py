@@ -1,10 +1,11 @@
 """Hostile and malformed requests: each gets a 4xx whose error envelope names the problem.
 
-In process (tests/fakes.py): the whole app with its middleware and the demo model behind fastapi's TestClient;
-no socket is needed to show a status and a body. tests/server/test_contract.py already covers the plain range errors (cfg_scale 25, seed 2**32, n 0,
-an unknown field, a declared Content-Length over the limit); this file covers what a fuzzer or a
-broken client sends: huge and deep bodies, non-finite numbers, huge integers, unicode junk,
-non-UTF-8 bytes, other media types and non-object JSON.
+In process (tests/fakes.py): the whole app with its middleware and the demo model behind fastapi's
+TestClient; no socket is needed to show a status and a body. tests/server/test_contract.py already
+covers the plain range errors (cfg_scale 25, seed 2**32, n 0, an unknown field, a declared
+Content-Length over the limit); this file covers what a fuzzer or a broken client sends: huge and deep
+bodies, non-finite numbers, huge integers, unicode junk, non-UTF-8 bytes, other media types and
+non-object JSON.
 """
 from __future__ import annotations
 
