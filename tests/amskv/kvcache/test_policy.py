@@ -160,3 +160,24 @@ def test_presets_follow_the_scale_rule():
             kept, *_ = run_layer(make_policy("amskv", patch_nums, {"preset": preset}),
                                  tuple(pn * pn for pn in patch_nums), demanding=lambda si: False)
             assert len(patch_nums) - 2 in kept[-2]
+
+
+def test_theta_defaults_sit_where_docs_kv_cache_md_says_on_the_shipped_profiles():
+    """docs/kv-cache.md §Presets: the demo's theta is the calibration rule's value (online_theta) to two decimals;
+    the 256/512 px default 0.8 is at or above the rule's value on mnist64 (the one 256 px model here), inside the
+    plateau of mnist64's per-layer lowest cosines where the online decisions are {0, 1, 3, 5}."""
+    from importlib import resources
+
+    from amskv.kvcache.policy import online_theta
+    from amskv.kvcache.profile import read_profile
+
+    weights = resources.files("amskv") / "weights"
+    demo, mnist64 = (read_profile(weights / f"{name}_profile.json") for name in ("demo", "mnist64"))
+    assert round(online_theta(demo), 2) == AMSKV_PRESETS["default"]["demo"]["theta"] == 0.45
+    default = AMSKVPolicy().theta  # the 256 and 512 px presets set no theta of their own
+    assert "theta" not in AMSKV_PRESETS["default"]["256"] and default == 0.8
+    assert default >= online_theta(mnist64)
+    lowest = {layer: min(by[s] for s in mnist64.test_scales) for layer, by in mnist64.similarity.items()}
+    below = {layer for layer, value in lowest.items() if value < default}
+    assert below == {0, 1, 3, 5}
+    assert max(lowest[layer] for layer in below) < default <= min(v for k, v in lowest.items() if k not in below)
