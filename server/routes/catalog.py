@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes.deps import ServiceDep
+from server.routes.deps import ServiceDep, loaded_model
 from server.schemas import ClassInfo, ClassList, ModelCard, ModelList, QueueStatus
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -11,16 +11,15 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 @router.get("/models", response_model=ModelList)
 async def models(service: ServiceDep) -> ModelList:
-    service.require_loaded()
-    info = service.worker.info
+    info, _ = loaded_model(service)
     return ModelList(data=[ModelCard.from_info(info, max_batch=service.worker.max_images)])
 
 
 @router.get("/classes", response_model=ClassList)
 async def classes(service: ServiceDep) -> ClassList:
-    service.require_loaded()
-    data = [ClassInfo(index=e.index, wnid=e.wnid, names=list(e.names)) for e in service.catalog.entries]
-    return ClassList(model=service.worker.info.model_name, data=data)
+    info, catalog = loaded_model(service)
+    data = [ClassInfo(index=e.index, wnid=e.wnid, names=list(e.names)) for e in catalog.entries]
+    return ClassList(model=info.model_name, data=data)
 
 
 @router.get("/status", response_model=QueueStatus)

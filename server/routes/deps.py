@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from amskv.classes import ClassCatalog
+from amskv.engine import EngineInfo
 from server.schemas import GenerateRequest, ImagesGenerationRequest, ModelLimits
 from server.service import Service
 
@@ -31,11 +33,17 @@ class Accepted(Generic[RequestT]):
     model: ModelLimits
 
 
-def model_limits(service: Service) -> ModelLimits:
-    """The loaded model's limits; called once ``check_accepting`` passed, so the model is loaded."""
+def loaded_model(service: Service) -> tuple[EngineInfo, ClassCatalog]:
+    """The loaded engine's description and its class names; 503 not_ready until load and warm-up are done."""
+    service.require_loaded()
     info, catalog = service.worker.info, service.catalog
-    if info is None or catalog is None:
-        raise RuntimeError("model_limits before the model loaded")
+    assert info is not None and catalog is not None  # require_loaded raised otherwise
+    return info, catalog
+
+
+def model_limits(service: Service) -> ModelLimits:
+    """The loaded model's limits, the validation context of a generate request."""
+    info, catalog = loaded_model(service)
     return ModelLimits(catalog=catalog, model_name=info.model_name, resolution=info.resolution,
                        scales=tuple(info.scales), vocab_size=info.vocab_size,
                        max_images_per_request=service.settings.max_images_per_request)
