@@ -162,7 +162,8 @@ def test_a_check_against_the_model_keeps_its_words(api):
     assert error["message"] == ("response_format 'png' returns one image, but 2 were requested; "
                                 "use b64_json or zip")
     error = post(api, {"class_labels": [4], "response_format": "zip", "stream": True}).json()["error"]
-    assert (error["param"], error["message"]) == ("response_format", "stream: images are streamed as b64_json, not 'zip'")
+    assert (error["param"], error["message"]) == ("response_format",
+                                                  "stream: images are streamed as b64_json, not 'zip'")
     vocab = VAR_PRESETS["demo"].var.vocab_size  # the in-process app serves the bundled demo model
     error = post(api, {"class_labels": [1], "top_k": vocab + 1}).json()["error"]
     assert error["message"] == f"top_k: at most the vocabulary size (allowed: 0 <= top_k <= {vocab})"
