@@ -14,23 +14,22 @@ import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from amskv.calibration import CalibrationSettings
+from amskv.classes import ClassCatalog
 from amskv.engine import Engine
-
 from server import metrics
 from server.batcher import Batcher
-from server.classes import ClassCatalog
 from server.docs_ui import add_offline_docs
 from server.errors import Unavailable, register_exception_handlers
-from server.middleware import GENERATE_PATHS, DrainNotice, RequestGuard, RequestMetrics
+from server.faults import FaultPlan
+from server.middleware import DrainNotice, RequestGuard, RequestMetrics
 from server.routes import catalog, faults, generate, health, openai_images
 from server.routes.playground import add_playground
 from server.schemas import GenerateRequest, ImagesGenerationRequest
 from server.service import Service
 from server.settings import Settings, get_settings
-from server.faults import FaultPlan
 from server.worker import InferenceWorker
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Class-conditional VAR image generation with the AMS-KV cache manager")
     add_offline_docs(app)
     register_exception_handlers(app, GenerateRequest.model_json_schema(),
-                                on_invalid=lambda request: _count_invalid(request),
                                 openai_schemas={openai_images.IMAGES_PATH: ImagesGenerationRequest.model_json_schema()})
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, access_log=settings.access_log)
@@ -113,7 +111,8 @@ async def _start_then_watch(app: FastAPI, service: Service) -> None:
         await asyncio.to_thread(service.worker.wait_started, settings.load_timeout_s)
     except Exception as exc:
         if isinstance(exc, TimeoutError):
-            exc = TimeoutError(f"load and warm-up did not finish within AMSKV_LOAD_TIMEOUT_S={settings.load_timeout_s:g} s")
+            exc = TimeoutError("load and warm-up did not finish within "
+                               f"AMSKV_LOAD_TIMEOUT_S={settings.load_timeout_s:g} s")
         service.startup_error = f"start-up failed: {exc}"
         logger.error("start-up failed: %s", exc)
         _request_exit(app, service, STARTUP_FAILED_EXIT)
@@ -165,6 +164,3 @@ def _answered() -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _count_invalid(request: Request) -> None:
-    if request.url.path in GENERATE_PATHS:
-        metrics.REJECTED.labels(reason="invalid").inc()

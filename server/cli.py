@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1,
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or 1,
                             limit_concurrency=settings.limit_concurrency,
-                            timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # uvicorn accepts a float
+                            # uvicorn's annotation says int; it uses the value as a float timeout
+                            timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
                             # a receipt deadline for every request, and probes exempt from limit_concurrency
                             http=make_protocol_class(settings.request_receive_timeout_s),
                             access_log=settings.log_level == "debug")

@@ -6,7 +6,7 @@ The body is always the OpenAI-style envelope
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -222,15 +222,11 @@ def count_rejection(scope: MutableMapping[str, Any], error: ApiError) -> None:
 
 
 def register_exception_handlers(app: FastAPI, body_schema: dict[str, Any] | None = None,
-                                on_invalid: Callable[[Request], None] | None = None,
                                 openai_schemas: dict[str, dict[str, Any]] | None = None) -> None:
     """Install the handlers that produce the envelope and count refusals (`count_rejection`).
 
     `openai_schemas`: path -> body schema of the OpenAI-compatible routes, whose invalid bodies get 400.
-    `on_invalid` is not called: it once counted invalid bodies, which the handlers now count with every other
-    refusal; it stays only until server/app.py stops passing it.
     """
-    del on_invalid
 
     def answer(request: Request, error: ApiError) -> JSONResponse:
         count_rejection(request.scope, error)

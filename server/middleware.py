@@ -8,9 +8,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from server import metrics
 from starlette.responses import JSONResponse
 
+from server import metrics
 from server.errors import ApiError, BodyTooLarge, UnsupportedMediaType, count_rejection, error_response
 
 GENERATE_PATHS = metrics.GENERATE_ENDPOINTS
@@ -124,7 +124,12 @@ class DrainNotice:
         return await self.app(scope, receive, send)
 
 
+async def _no_body() -> dict:
+    """The receive of a request answered before its body is read: the response never calls it."""
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
 async def _reject(scope: dict, send: Callable, error: ApiError) -> None:
     count_rejection(scope, error)  # answered before routing, so the error handlers never see it
     response = error_response(error)
-    await response(scope, None, send)
+    await response(scope, _no_body, send)

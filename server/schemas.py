@@ -7,7 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
+from amskv.calibration import ProfileSource
 from amskv.classes import ClassCatalog, ClassLabelError
+from amskv.engine import EngineInfo
 from server.settings import MAX_BATCH_CEILING
 
 SEED_MAX = 2**32 - 1
@@ -164,7 +166,7 @@ class KVCacheCard(BaseModel):
     """The KV cache the model runs with (docs/kv-cache.md §6)."""
 
     policy: str
-    profile_source: Literal["calibrated", "cached", "file", "none"] = Field(
+    profile_source: ProfileSource = Field(
         description="calibrated at this start, cached from an earlier one, a given/shipped file, or none")
     demanding_layers: list[int] = Field(description="layers whose cache is planned at c_max")
     theta: float | None = Field(description="the profile's similarity threshold; null without a profile")
@@ -188,6 +190,20 @@ class ModelCard(BaseModel):
     kv_cache: KVCacheCard | None = None
     batch_invariance: str = Field("", description="how an image is kept bit-identical whatever its batch mates "
                                   "(AMSKV_BATCH_INVARIANT and what auto chose on this device)")
+
+    @classmethod
+    def from_info(cls, info: EngineInfo, max_batch: int) -> ModelCard:
+        """The card of a loaded engine: every field comes from ``Engine.info()``, the one definition."""
+        kv = info.kv_cache
+        return cls(id=info.model_name, num_classes=info.num_classes, resolution=info.resolution,
+                   channels=info.channels, policy=info.policy, dtype=info.dtype, device=info.device,
+                   kv_bytes_per_image=info.kv_bytes_per_image,
+                   vanilla_kv_bytes_per_image=info.vanilla_kv_bytes_per_image, max_batch=max_batch,
+                   kv_cache=KVCacheCard(policy=kv.policy, profile_source=kv.profile_source,
+                                        demanding_layers=list(kv.demanding_layers), theta=kv.theta,
+                                        bytes_per_image=kv.bytes_per_image,
+                                        vanilla_bytes_per_image=kv.vanilla_bytes_per_image),
+                   batch_invariance=info.batch_invariance)
 
 
 class ModelList(BaseModel):

@@ -5,12 +5,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from amskv.classes import ClassCatalog
 from server import metrics
 from server.batcher import Batcher
-from server.classes import ClassCatalog
 from server.errors import Unavailable
-from server.settings import Settings
 from server.faults import FaultPlan
+from server.settings import Settings
 from server.worker import InferenceWorker
 
 
@@ -62,7 +62,8 @@ class Service:
         if status == "DRAINING":
             raise Unavailable("server is draining; retry on another replica", code="draining", retry_after_s=5)
         code = "worker_dead" if status == "UNHEALTHY" else "not_ready"
-        raise Unavailable(detail or "server is not ready yet", code=code, retry_after_s=30 if code == "worker_dead" else 5)
+        raise Unavailable(detail or "server is not ready yet", code=code,
+                          retry_after_s=30 if code == "worker_dead" else 5)
 
     async def drain(self) -> None:
         """Refuse new work and wait (at most drain_timeout_s) for queued and running work to finish.
