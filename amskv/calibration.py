@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -52,6 +52,22 @@ class CalibrationSettings:
         # the time bound too: a calibration cut short by a small bound is not the one a larger bound makes
         return {"images": self.images, "demanding_fraction": self.demanding_fraction, "cfg": self.cfg,
                 "seed": self.seed, "time_limit_s": self.time_limit_s}
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """How an engine's KV cache is set up: the policy, its arguments, and where its calibration profile comes from.
+
+    ``profile``: ``auto`` (a bundled model's shipped file; else the profile cached in ``cache_dir`` for these
+    checkpoints' contents; else a calibration now), ``off`` (no profile: every layer planned as demanding), or a
+    profile file. A ``profile=`` or ``demanding=`` policy argument overrides it (``resolve_profile``).
+    """
+
+    policy: str
+    policy_args: Mapping[str, object] = field(default_factory=dict)
+    profile: str | Path = AUTO
+    cache_dir: str | Path | None = None
+    calibration: CalibrationSettings = CalibrationSettings()
 
 
 @dataclass(frozen=True)
@@ -152,8 +168,27 @@ def cache_path(cache_dir: str | Path, var_path, vae_path, policy: AMSKVPolicy, s
     return Path(cache_dir) / f"{file_sha256(var_path)[:16]}-{file_sha256(vae_path)[:16]}-{digest}.json"
 
 
-def resolve_profile(engine, policy: AMSKVPolicy, var_path, vae_path, cache_dir: str | Path | None,
-                    settings: CalibrationSettings = CalibrationSettings()) -> ProfileResolution:
+def resolve_profile(kv: KVCacheConfig, engine, var_path: str | Path, vae_path: str | Path,
+                    bundled: Path | None = None) -> ProfileResolution:
+    """The one place a profile is chosen, first match wins: the policy's own ``demanding=`` flags or ``profile=``
+    file; ``off``; a profile file; a bundled model's shipped profile (``bundled``); the profile cached for these
+    checkpoints; a calibration now."""
+    given = kv.policy_args.get("profile")
+    if "demanding" in kv.policy_args:
+        return ProfileResolution(None, "file")
+    if given is not None:
+        return ProfileResolution(read_profile(str(given)), "file", Path(str(given)))
+    if str(kv.profile) == OFF:
+        return ProfileResolution(None, "none")
+    if str(kv.profile) != AUTO:
+        return ProfileResolution(read_profile(kv.profile), "file", Path(kv.profile))
+    if bundled is not None and bundled.is_file():
+        return ProfileResolution(read_profile(bundled), "file", bundled)
+    return cached_or_calibrated(engine, engine.policy, var_path, vae_path, kv.cache_dir, kv.calibration)
+
+
+def cached_or_calibrated(engine, policy: AMSKVPolicy, var_path, vae_path, cache_dir: str | Path | None,
+                         settings: CalibrationSettings = CalibrationSettings()) -> ProfileResolution:
     """The cached profile of these checkpoints, else a fresh calibration (written to the cache when it has one)."""
     path = cache_path(cache_dir, var_path, vae_path, policy, settings) if cache_dir is not None else None
     if path is not None and path.is_file():

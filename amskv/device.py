@@ -134,6 +134,7 @@ def profiled_peak(device: torch.device) -> Iterator[list[int]]:
         yield result
     result[0] = trace.peak()
 
+
 class DeviceTimer:
     """Wall time between marks for work queued on ``device``, without draining it at every mark.
 

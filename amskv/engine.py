@@ -13,14 +13,22 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 
-from amskv.calibration import AUTO, OFF, CalibrationSettings, ProfileResolution, describe, resolve_profile
+from amskv.calibration import (
+    AUTO,
+    CalibrationSettings,
+    KVCacheConfig,
+    ProfileResolution,
+    ProfileSource,
+    describe,
+    resolve_profile,
+)
 from amskv.config import BUNDLED_MODELS, VAR_PRESETS, VARConfig
 from amskv.device import resolve_device
 from amskv.generate import TokenResult, decode_images, decode_previews, generate_tokens, plan_pool
 from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_policy
-from amskv.kvcache.profile import CalibrationProfile, read_profile
+from amskv.kvcache.profile import CalibrationProfile
 from amskv.kvcache.storage import KVPool
-from amskv.memory import DTYPES, KVMemory, kv_memory, max_batch
+from amskv.memory import DTYPES, KVMemory, kv_memory
 from amskv.model.invariance_probe import Invariance, choose as choose_invariance
 from amskv.model.loading import CheckpointError, load_pair
 from amskv.model.var import VAR
@@ -95,10 +103,39 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 PreviewCallback = Callable[[int, list, torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class KVCacheInfo:
+    """The KV cache the engine runs with: its policy and where the calibration profile came from."""
+    policy: str
+    profile_source: ProfileSource  # calibrated, cached, file or none
+    demanding_layers: tuple[int, ...]  # layers whose cache is planned at c_max
+    theta: float | None  # the profile's similarity threshold; None without a profile
+    bytes_per_image: int
+    vanilla_bytes_per_image: int
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a loaded engine is: the one definition of the facts the server shows (/v1/models, metrics, logs)."""
+    model_name: str
+    num_classes: int
+    resolution: int
+    channels: int
+    policy: str
+    dtype: str  # fp32, bf16 or fp16
+    device: str
+    kv_bytes_per_image: int
+    vanilla_kv_bytes_per_image: int
+    vocab_size: int
+    scales: tuple[int, ...]  # patch_nums: the side of each scale's token map
+    kv_cache: KVCacheInfo
+    batch_invariance: str = ""  # how GEMMs keep an image independent of its batch mates (Invariance.describe)
+
+
 @dataclass
 class GenerationResult:
     images: torch.Tensor  # uint8 (B, H, W, C) on the CPU
-    tokens: list[torch.Tensor]  # per scale (B, pn*pn) int64
+    tokens: list[torch.Tensor]  # per scale (B, pn*pn) int64, on the engine's device (no copy: few callers read them)
     kv_allocated_bytes: int
     kv_peak_stored_bytes: int
     seconds_ar: float
@@ -146,14 +183,11 @@ class Engine:
                              "(--var/--vae), not both")
         if (var_path is None) != (vae_path is None):
             raise ValueError("give both --var and --vae, or neither for a bundled model")
-        bundled = var_path is None
-        bundled_profile = None
-        if bundled:
+        bundled = None
+        if var_path is None or vae_path is None:
             model = model or DEFAULT_MODEL
             var_path, vae_path = bundled_checkpoints(model)
-            bundled_profile = Path(var_path).parent / bundled_files(model)[2]
-            if str(profile) == AUTO:
-                policy_args = with_demo_profile(policy, policy_args, model)
+            bundled = Path(var_path).parent / bundled_files(model)[2]
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         var, vae = load_pair(var_path, vae_path)
         policy_args = dict(policy_args or {})
@@ -166,31 +200,20 @@ class Engine:
                 var.shared_ada_lin.to(torch_dtype)
         engine = cls(var, vae, kv_policy, torch_dtype, torch_device, batch_invariant=batch_invariant)
         if isinstance(kv_policy, AMSKVPolicy):
-            engine._attach_profile(policy, policy_args, profile, bundled_profile, var_path, vae_path,
-                                   profile_cache_dir, calibration or CalibrationSettings())
+            kv = KVCacheConfig(policy, policy_args, profile, profile_cache_dir, calibration or CalibrationSettings())
+            engine._attach_profile(kv, var_path, vae_path, bundled)
         return engine
 
-    def _attach_profile(self, policy: str, policy_args: dict, profile, bundled_profile: Path | None, var_path,
-                        vae_path, cache_dir, calibration: CalibrationSettings) -> None:
-        given = policy_args.get("profile")
-        if given is not None or "demanding" in policy_args:  # the user's own flags or file
-            self.profile_resolution = ProfileResolution(None if given is None else read_profile(given), "file",
-                                                        None if given is None else Path(given))
-        elif str(profile) == OFF:
-            pass
-        elif str(profile) != AUTO:
-            self.profile_resolution = ProfileResolution(read_profile(profile), "file", Path(profile))
-        elif bundled_profile is not None and bundled_profile.is_file():  # a bundled model ships its calibration
-            self.profile_resolution = ProfileResolution(read_profile(bundled_profile), "file", bundled_profile)
-        else:
-            self.profile_resolution = resolve_profile(self, self.policy, var_path, vae_path, cache_dir, calibration)
+    def _attach_profile(self, kv: KVCacheConfig, var_path: str | Path, vae_path: str | Path,
+                        bundled: Path | None) -> None:
+        self.profile_resolution = resolve_profile(kv, self, var_path, vae_path, bundled)
         found, depth = self.profile_resolution.profile, self.config.depth
         if found is not None:
             if found.depth != depth:
                 raise ValueError(f"the calibration profile has {found.depth} layers but the model has {depth}")
-            if "demanding" not in policy_args:
-                self.policy = make_policy(policy, self.config.patch_nums,
-                                          {k: v for k, v in policy_args.items() if k != "profile"}, profile=found)
+            if "demanding" not in kv.policy_args:
+                self.policy = make_policy(kv.policy, self.config.patch_nums,
+                                          {k: v for k, v in kv.policy_args.items() if k != "profile"}, profile=found)
         logger.info("%s: %s", self.model_name, describe(self.profile_resolution))
 
     @property
@@ -208,13 +231,18 @@ class Engine:
             return list(range(self.config.depth))
         return [i for i in range(self.config.depth) if i < len(flags) and flags[i]]
 
-    def kv_cache_info(self) -> dict:
-        """What the server shows as ``/v1/models`` ``data[0].kv_cache``."""
-        profile = self.profile
-        return {"policy": self.policy_name, "profile_source": self.profile_resolution.source,
-                "demanding_layers": self.demanding_layers(), "theta": None if profile is None else profile.theta,
-                "bytes_per_image": self.kv_bytes_per_image(),
-                "vanilla_bytes_per_image": self.vanilla_kv_bytes_per_image()}
+    def info(self) -> EngineInfo:
+        profile, per_image, vanilla = self.profile, self.kv_bytes_per_image(), self.vanilla_kv_bytes_per_image()
+        kv_cache = KVCacheInfo(policy=self.policy_name, profile_source=self.profile_resolution.source,
+                               demanding_layers=tuple(self.demanding_layers()),
+                               theta=None if profile is None else profile.theta,
+                               bytes_per_image=per_image, vanilla_bytes_per_image=vanilla)
+        dtype = next(name for name, value in DTYPES.items() if value == self.dtype)
+        return EngineInfo(model_name=self.model_name, num_classes=self.num_classes, resolution=self.resolution,
+                          channels=self.channels, policy=self.policy_name, dtype=dtype, device=str(self.device),
+                          kv_bytes_per_image=per_image, vanilla_kv_bytes_per_image=vanilla,
+                          vocab_size=self.config.vocab_size, scales=tuple(self.config.patch_nums),
+                          kv_cache=kv_cache, batch_invariance=self.invariance.describe())
 
     @property
     def policy_name(self) -> str:
@@ -233,9 +261,6 @@ class Engine:
 
     def vanilla_kv_bytes_per_image(self) -> int:
         return kv_memory(self.config, make_policy("vanilla", self.config.patch_nums), 1, self.dtype).allocated_bytes
-
-    def max_batch(self, budget_bytes: int, cap: int = 256) -> int:
-        return max_batch(budget_bytes, self.kv_bytes_per_image(), cap)
 
     def new_pool(self, images: int) -> KVPool:
         """KV buffers for up to ``images`` images under this policy, for ``generate(..., pool=)`` to reuse."""
@@ -295,7 +320,7 @@ class Engine:
         res = self.generate_tokens(labels, seeds, params, pool=pool, on_scale=on_scale)
         t0 = time.perf_counter()
         images = self.decode(res)
-        return GenerationResult(images=images, tokens=[t.cpu() for t in res.tokens],
+        return GenerationResult(images=images, tokens=res.tokens,
                                 kv_allocated_bytes=res.kv_allocated_bytes,
                                 kv_peak_stored_bytes=res.kv_peak_stored_bytes, seconds_ar=res.seconds,
                                 seconds_decode=time.perf_counter() - t0, scale_seconds=res.scale_seconds,
