@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# VAR-d30 on one GPU: vanilla against amskv at batch 64/128/256 (random weights, bf16). Writes one JSON.
+# VAR-d30 on one GPU (random weights, bf16), one JSON, at most 8 minutes: the KV pool's largest batch under vanilla
+# and AMS-KV, images/s at batch 64/128/256, invariance off/auto/tiles, static vs continuous scheduling, compile on/off.
+# The suite stops starting work at 400 s (amskv_tools/bench/gpu.py); the timeout below is the hard stop.
 # Usage: scripts/bench-gpu.sh [OUT.json] [extra `amskv bench gpu` flags, e.g. --tiny --device cpu]
 # OUT.json defaults to out/bench/gpu.json (git-ignored); pass docs/benchmarks/gpu.json to replace the committed one.
 set -euo pipefail

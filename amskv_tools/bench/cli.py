@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from amskv_tools.bench.common import DEFAULT_OUT_DIR, DOCS_OUT_DIR, pin_threads, write_report
 
@@ -49,8 +50,9 @@ def suite_options(args: argparse.Namespace) -> dict:
         opts["rounds"] = args.rounds
     if args.suite == "memory":
         opts["measure"] = not args.no_measure
-    if args.suite == "gpu":
+    if args.suite == "gpu":  # a killed run leaves its finished sections in the JSON (amskv_tools.bench.gpu)
         opts["device"] = args.device
+        opts["partial_json"] = args.json or str(Path(DOCS_OUT_DIR if args.update_docs else args.out_dir) / "gpu.json")
     if args.suite == "server":
         opts["port"] = args.port
     return opts
