@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from amskv.kvcache.policy import AMSKVPolicy
+from amskv.kvcache.policy import AMSKVPolicy, OnlineAMSKVPolicy
 from amskv.kvcache.profile import CalibrationProfile
 from amskv.kvcache.similarity import key_similarity
 from amskv.memory import plan_kv
@@ -73,7 +73,7 @@ def online_test_scales(policy: AMSKVPolicy, patch_nums: tuple[int, ...]) -> tupl
 
     Found by replaying the policy over token counts; these are the moments a layer's budget overflows.
     """
-    online = AMSKVPolicy(policy.c_cds, policy.c_min, policy.c_max, policy.theta, policy.evict_newest)
+    online = OnlineAMSKVPolicy(policy.c_cds, policy.c_min, policy.c_max, policy.theta, policy.evict_newest)
     asked: set[int] = set()
 
     def oracle(layer: int, si: int) -> float:

@@ -7,10 +7,10 @@ makes the predicted bytes equal the bytes held.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from amskv.kvcache.profile import load_profile  # noqa: F401 - re-exported, make_policy reads profiles
+from amskv.kvcache.profile import CalibrationProfile, read_profile
 
 Similarity = Callable[[], float]  # lazily computed inter-scale key similarity of one layer
 CanExpand = bool | Callable[[], bool]  # whether a due expansion has room; a callable is asked only when due
@@ -108,52 +108,40 @@ class SinkWindowPolicy(KVPolicy):
 
 
 class AMSKVPolicy(KVPolicy):
-    """AMS-KV (the AMS-KV paper, AAAI 2026; docs/kv-cache.md §1).
+    """AMS-KV (the AMS-KV paper, AAAI 2026; docs/kv-cache.md §1), the rules both forms share:
 
     - the first ``c_cds`` scales are condensed and locked;
     - each layer starts with a budget of ``c_min`` tokens;
-    - on overflow, a layer whose inter-scale key similarity is below ``theta`` grows once to ``c_max``
-      (``demanding`` replaces that online test with per-layer flags from a calibration profile);
+    - on overflow, a cache-demanding layer grows once to ``c_max`` (which layers are demanding is what the two
+      forms differ in: ``OnlineAMSKVPolicy`` tests key similarity against ``theta`` at run time,
+      ``StaticAMSKVPolicy`` reads per-layer flags from a calibration profile);
     - otherwise the oldest unlocked scale is evicted (CLRU);
     - a scale with more than ``c_max`` tokens is not cached, nor is the last scale;
     - the scale just inserted is never evicted unless ``evict_newest`` (a variant; docs/kv-cache.md §1).
-
-    ``planned`` (online only) are a calibration profile's flags: the allocation is planned for them, and an
-    online expansion of a layer the profile did not flag is an exception the storage allocates on the spot
-    (docs/kv-cache.md §2), instead of a worst case reserved for every layer.
     """
 
-    name = "amskv"
+    # static flags (StaticAMSKVPolicy) and a profile's planned flags (OnlineAMSKVPolicy); None in the other form
+    demanding: tuple[bool, ...] | None = None
+    planned: tuple[bool, ...] | None = None
 
     def __init__(self, c_cds: int = 2, c_min: int = 174, c_max: int = 274, theta: float = 0.8,
-                 evict_newest: bool = False, demanding: tuple[bool, ...] | None = None,
-                 planned: tuple[bool, ...] | None = None):
+                 evict_newest: bool = False):
         if c_cds < 0 or c_min < 0 or c_max < c_min:
             raise ValueError(f"need c_cds >= 0 and 0 <= c_min <= c_max (got {c_cds}, {c_min}, {c_max})")
         self.c_cds, self.c_min, self.c_max, self.theta = c_cds, c_min, c_max, theta
         self.evict_newest = evict_newest
-        self.demanding = None if demanding is None else tuple(bool(d) for d in demanding)
-        if self.demanding is not None:
-            self.name = "amskv-static"
-        self.planned = None if planned is None or demanding is not None else tuple(bool(p) for p in planned)
 
-    def params(self):
+    def params(self) -> dict:
         p: dict[str, object] = {"c_cds": self.c_cds, "c_min": self.c_min, "c_max": self.c_max}
-        if self.demanding is None:
-            p["theta"] = self.theta
-        else:
-            p["demanding_layers"] = "all" if all(self.demanding) else [i for i, d in enumerate(self.demanding) if d]
+        p.update(self._form_params())
         if self.evict_newest:
             p["evict_newest"] = True
         if self.planned is not None:
             p["planned_layers"] = [i for i, d in enumerate(self.planned) if d]
         return p
 
-    def plan_oracle(self):
-        if self.planned is None:
-            return None
-        planned = self.planned
-        return lambda layer, si: -math.inf if layer < len(planned) and planned[layer] else math.inf
+    def _form_params(self) -> dict[str, object]:
+        raise NotImplementedError
 
     def is_planned(self, layer: int) -> bool:
         """Whether the allocation reserved this layer's expansion (always, without a profile)."""
@@ -165,9 +153,7 @@ class AMSKVPolicy(KVPolicy):
         return LayerState(budget=self.c_min)
 
     def is_demanding(self, layer: int, similarity: Similarity) -> bool:
-        if self.demanding is not None:
-            return layer < len(self.demanding) and self.demanding[layer]
-        return similarity() < self.theta
+        raise NotImplementedError
 
     def decide(self, state, layer, si, scale_tokens, similarity, can_expand=True):
         if self._is_last(si, scale_tokens) or scale_tokens[si] > self.c_max:
@@ -191,6 +177,55 @@ class AMSKVPolicy(KVPolicy):
             evicted.append(victims[0])
             size -= scale_tokens[victims[0]]
         return Decision(keep=si in state.kept, evict=tuple(s for s in evicted if s != si))
+
+
+class OnlineAMSKVPolicy(AMSKVPolicy):
+    """AMS-KV as the paper runs it: at a layer's first overflow, its keys' similarity to the previous scale's
+    (``kvcache.similarity``) below ``theta`` makes it cache-demanding.
+
+    ``planned``: a calibration profile's flags. The allocation is planned for them, and an online expansion of a
+    layer the profile did not flag is an exception the storage grows for on the spot, within the budget
+    (docs/kv-cache.md §2), instead of a worst case reserved for every layer.
+    """
+
+    name = "amskv"
+
+    def __init__(self, c_cds: int = 2, c_min: int = 174, c_max: int = 274, theta: float = 0.8,
+                 evict_newest: bool = False, planned: tuple[bool, ...] | None = None):
+        super().__init__(c_cds, c_min, c_max, theta, evict_newest)
+        self.planned = None if planned is None else tuple(bool(p) for p in planned)
+
+    def _form_params(self) -> dict[str, object]:
+        return {"theta": self.theta}
+
+    def plan_oracle(self):
+        if self.planned is None:
+            return None
+        planned = self.planned
+        return lambda layer, si: -math.inf if layer < len(planned) and planned[layer] else math.inf
+
+    def is_demanding(self, layer: int, similarity: Similarity) -> bool:
+        return similarity() < self.theta
+
+
+class StaticAMSKVPolicy(AMSKVPolicy):
+    """AMS-KV with the cache-demanding layers fixed by per-layer flags (a calibration profile's): no similarity
+    is measured at run time, so an image does not depend on its batch mates and its KV is known before it runs."""
+
+    name = "amskv-static"
+
+    def __init__(self, demanding: tuple[bool, ...], c_cds: int = 2, c_min: int = 174, c_max: int = 274,
+                 theta: float = 0.8, evict_newest: bool = False):
+        super().__init__(c_cds, c_min, c_max, theta, evict_newest)
+        self.demanding = tuple(bool(d) for d in demanding)
+
+    def _form_params(self) -> dict[str, object]:
+        flags = self.demanding or ()
+        return {"demanding_layers": "all" if all(flags) else [i for i, d in enumerate(flags) if d]}
+
+    def is_demanding(self, layer: int, similarity: Similarity) -> bool:
+        flags = self.demanding or ()
+        return layer < len(flags) and flags[layer]
 
 
 # Named parameter sets, chosen by quality on the 680-token mnist64 model (docs/mnist64-sweep.md), and written
@@ -241,58 +276,50 @@ def layout_key(patch_nums: tuple[int, ...]) -> str:
     return {16: "256", 32: "512", 8: "demo"}.get(last, "256")
 
 
-def _coerce(value):
-    if not isinstance(value, str):
-        return value
-    low = value.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
+def make_policy(name: str, patch_nums: tuple[int, ...], args: Mapping[str, object] | None = None,
+                profile: CalibrationProfile | tuple[bool, ...] | None = None) -> KVPolicy:
+    """Build a policy by name from typed arguments (the CLI parses its strings first); ``preset`` picks a
+    named AMS-KV set, ``profile=`` names a profile file, ``demanding=`` gives flags ("0110" or booleans).
 
-
-def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None, profile=None) -> KVPolicy:
-    """Build a policy by name. ``args`` are strings or values; ``preset`` picks a named AMS-KV set.
-
-    ``profile`` (a ``CalibrationProfile``, or a tuple of per-layer flags) feeds ``amskv-static``;
-    without one every layer is treated as cache-demanding, the safe upper bound. For online ``amskv`` the
-    profile's flags only plan the allocation (``AMSKVPolicy.planned``); the online test still decides.
+    ``profile`` (a ``CalibrationProfile``, or per-layer flags) feeds ``amskv-static``; without one every layer
+    is treated as cache-demanding, the safe upper bound. For online ``amskv`` the profile's flags only plan the
+    allocation (``OnlineAMSKVPolicy.planned``); the online test still decides.
     """
-    raw = {k.replace("-", "_"): v for k, v in (args or {}).items()}
-    # flags ("0110", "0,1,1,0") and paths stay strings: number coercion would turn "0110" into 110
-    args = {k: v if k in ("demanding", "profile") else _coerce(v) for k, v in raw.items()}
+    args = {k.replace("-", "_"): v for k, v in (args or {}).items()}
     if name == "vanilla":
         policy: KVPolicy = VanillaPolicy()
     elif name == "full":
         policy = FullPolicy()
     elif name == "window":
-        policy = SinkWindowPolicy(window=args.pop("window", 2), sink=0)
+        policy = SinkWindowPolicy(window=_int(args.pop("window", 2), "window"), sink=0)
     elif name == "sink":
-        policy = SinkWindowPolicy(window=args.pop("window", 1), sink=args.pop("sink", args.pop("c_cds", 2)))
+        sink = args.pop("sink", args.pop("c_cds", 2))
+        policy = SinkWindowPolicy(window=_int(args.pop("window", 1), "window"), sink=_int(sink, "sink"))
     elif name in ("amskv", "amskv-static"):
         preset = args.pop("preset", "default")
-        if preset not in AMSKV_PRESETS:
+        if not isinstance(preset, str) or preset not in AMSKV_PRESETS:
             raise ValueError(f"unknown AMS-KV preset {preset!r}; choose from {sorted(AMSKV_PRESETS)}")
-        params = dict(AMSKV_PRESETS[preset][layout_key(tuple(patch_nums))])
-        params.update({k: args.pop(k) for k in list(args) if k in ("c_cds", "c_min", "c_max", "theta", "evict_newest")})
+        budgets = dict(AMSKV_PRESETS[preset][layout_key(tuple(patch_nums))])
+        given = {k: args.pop(k) for k in list(args) if k in ("c_cds", "c_min", "c_max", "theta", "evict_newest")}
+        c_cds, c_min, c_max = (_int(given.get(k, budgets[k]), k) for k in ("c_cds", "c_min", "c_max"))
+        evict_newest = bool(given.get("evict_newest", False))
+        if name == "amskv-static" and "profile" in args:  # a profile file (online amskv gets the profile itself)
+            profile = read_profile(str(args.pop("profile")))
+        flags = profile.demanding if isinstance(profile, CalibrationProfile) else profile
         if name == "amskv-static":
-            flags = args.pop("demanding", None)
-            if "profile" in args:
-                profile = load_profile(args.pop("profile"))
-            if flags is None and profile is not None:
-                flags = getattr(profile, "demanding", profile)
-            params["demanding"] = flags if flags is not None else "all"
-        planned = None
-        if name == "amskv" and profile is not None:
-            planned = tuple(getattr(profile, "demanding", profile))
-            if "theta" not in params and getattr(profile, "theta", None) is not None:
-                params["theta"] = online_theta(profile)  # the layout has no measured theta: the checkpoint's
-        policy = AMSKVPolicy(**{k: v for k, v in params.items() if k != "demanding"},
-                             demanding=_flags(params.get("demanding")), planned=planned)
+            given_flags = args.pop("demanding", None)
+            theta = _float(given.get("theta", budgets.get("theta", 0.8)), "theta")
+            demanding = _flags(given_flags) if given_flags is not None else flags
+            policy = StaticAMSKVPolicy(demanding if demanding is not None else (True,) * 256,  # 256: more layers
+                                       c_cds, c_min, c_max, theta, evict_newest)  # than any model: all demanding
+        else:
+            if "theta" in given:
+                theta = _float(given["theta"], "theta")
+            elif isinstance(profile, CalibrationProfile) and profile.theta is not None:
+                theta = online_theta(profile)  # the layout has no measured theta: the checkpoint's
+            else:
+                theta = _float(budgets.get("theta", 0.8), "theta")
+            policy = OnlineAMSKVPolicy(c_cds, c_min, c_max, theta, evict_newest, planned=flags)
     else:
         raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
     if args:
@@ -300,7 +327,19 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: dict | None = None
     return policy
 
 
-def online_theta(profile) -> float:
+def _int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ValueError(f"policy argument {name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"policy argument {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def online_theta(profile: CalibrationProfile) -> float:
     """θ for the online test, fitted on what that test compares.
 
     The online test asks at each overflow (the profile's test scales) whether that scale's similarity is below
@@ -309,8 +348,9 @@ def online_theta(profile) -> float:
     the flagged layers' highest minimum and the unflagged layers' lowest minimum, per the profile's per-scale
     similarities (the profile's θ when it has none, or when the two groups overlap on this statistic).
     """
-    scales = tuple(getattr(profile, "test_scales", ()) or ())
-    similarity = getattr(profile, "similarity", {}) or {}
+    if profile.theta is None:
+        raise ValueError("the profile has no theta to fit the online test's threshold from")
+    scales, similarity = profile.test_scales, profile.similarity
     lowest = {layer: min((by[s] for s in scales if s in by), default=None) for layer, by in similarity.items()}
     flagged = [v for layer, v in lowest.items() if v is not None and layer < len(profile.demanding)
                and profile.demanding[layer]]
@@ -325,9 +365,7 @@ def online_theta(profile) -> float:
     return (max(flagged) + min(unflagged)) / 2
 
 
-def _flags(value):
-    if value is None:
-        return None
+def _flags(value: object) -> tuple[bool, ...]:
     if value == "all":
         return (True,) * 256  # more layers than any model has: every layer is demanding
     if isinstance(value, str):
@@ -335,4 +373,6 @@ def _flags(value):
         if not digits or set(digits) - {"0", "1"}:
             raise ValueError(f"demanding flags must be a string of 0/1 per layer, got {value!r}")
         return tuple(c == "1" for c in digits)
+    if not isinstance(value, tuple | list):
+        raise ValueError(f"demanding flags must be a string of 0/1 per layer or a list of booleans, got {value!r}")
     return tuple(bool(v) for v in value)

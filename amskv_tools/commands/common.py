@@ -29,14 +29,28 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_policy: str = D
                              "at load; off is fastest (images may change in their last bits with the batch)")
 
 
-def parse_policy_args(items: list[str]) -> dict[str, str]:
-    out = {}
+def parse_policy_args(items: list[str]) -> dict[str, object]:
+    """``--policy-arg KEY=VALUE`` items as typed policy arguments: true/false, numbers, else the string (flags
+    such as ``demanding=0110`` and paths stay strings: a number would turn "0110" into 110)."""
+    out: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--policy-arg expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        out[key] = value if key in ("demanding", "profile") else _typed(value)
     return out
+
+
+def _typed(value: str) -> object:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
 
 
 def load_engine(args: argparse.Namespace):

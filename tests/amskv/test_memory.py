@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from amskv.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_DEMO, VAR_PRESETS
-from amskv.kvcache.policy import AMSKV_PRESETS, AMSKVPolicy, make_policy
+from amskv.kvcache.policy import AMSKV_PRESETS, OnlineAMSKVPolicy, make_policy
 from amskv.memory import all_demanding, kv_memory, max_batch, plan_kv, static_and_worst
 from amskv.sampling import SamplingParams
 
@@ -119,7 +119,7 @@ def test_worst_case_allocation_fits_every_online_outcome(patch_nums, preset):
     """The allocation (all layers demanding) holds every pattern the online test can produce."""
     pol = make_policy("amskv", patch_nums, {"preset": preset})
     for evict_newest in (False, True):
-        policy = AMSKVPolicy(pol.c_cds, pol.c_min, pol.c_max, pol.theta, evict_newest)
+        policy = OnlineAMSKVPolicy(pol.c_cds, pol.c_min, pol.c_max, pol.theta, evict_newest)
         tokens = [p * p for p in patch_nums]
 
         def kept_peak(plan):

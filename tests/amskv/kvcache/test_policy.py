@@ -7,7 +7,8 @@ import random
 import pytest
 
 from amskv.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_DEMO
-from amskv.kvcache.policy import AMSKV_PRESETS, AMSKVPolicy, LayerState, load_profile, make_policy
+from amskv.kvcache.policy import AMSKV_PRESETS, LayerState, OnlineAMSKVPolicy, StaticAMSKVPolicy, make_policy
+from amskv.kvcache.profile import load_profile
 
 TOKENS_256 = tuple(p * p for p in PATCH_NUMS_256)  # 1 4 9 16 25 36 64 100 169 256
 
@@ -35,7 +36,7 @@ def run_layer(policy, scale_tokens=TOKENS_256, demanding=lambda si: False, layer
 
 
 def test_amskv_cache_efficient_layer_step_by_step():
-    kept, _, asked, state = run_layer(AMSKVPolicy(c_cds=2, c_min=100, c_max=155))
+    kept, _, asked, state = run_layer(OnlineAMSKVPolicy(c_cds=2, c_min=100, c_max=155))
     assert kept == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5],
                     [0, 1, 6],  # 155 > 100: intermediate scales 2..5 leave oldest first
                     [0, 1, 7],  # 169 > 100: 6 leaves; 7 (the newest) stays although 105 > 100
@@ -46,7 +47,7 @@ def test_amskv_cache_efficient_layer_step_by_step():
 
 
 def test_amskv_cache_demanding_layer_expands_once():
-    kept, _, asked, state = run_layer(AMSKVPolicy(c_cds=2, c_min=100, c_max=155), demanding=lambda si: True)
+    kept, _, asked, state = run_layer(OnlineAMSKVPolicy(c_cds=2, c_min=100, c_max=155), demanding=lambda si: True)
     assert kept[6] == [0, 1, 2, 3, 4, 5, 6]  # budget grew to 155: everything fits
     assert kept[7] == [0, 1, 7]  # 255 > 155: 2..6 leave
     assert asked == [6]  # after the expansion the similarity is never asked again
@@ -54,13 +55,13 @@ def test_amskv_cache_demanding_layer_expands_once():
 
 
 def test_late_expansion_and_window_is_whatever_fits():
-    kept, _, asked, state = run_layer(AMSKVPolicy(c_cds=2, c_min=100, c_max=155), demanding=lambda si: si == 7)
+    kept, _, asked, state = run_layer(OnlineAMSKVPolicy(c_cds=2, c_min=100, c_max=155), demanding=lambda si: si == 7)
     assert asked == [6, 7] and state.expanded_at == 7
     assert kept[6] == [0, 1, 6] and kept[7] == [0, 1, 7]
 
 
 def test_skip_rule_and_locked_scales_with_tight_budget():
-    kept, decisions, _, _ = run_layer(AMSKVPolicy(c_cds=2, c_min=64, c_max=64))
+    kept, decisions, _, _ = run_layer(OnlineAMSKVPolicy(c_cds=2, c_min=64, c_max=64))
     for si in (7, 8, 9):  # 100, 169, 256 tokens > c_max = 64: not inserted, nothing evicted
         assert decisions[si].keep is False and decisions[si].evict == ()
         assert kept[si] == kept[6]
@@ -68,11 +69,11 @@ def test_skip_rule_and_locked_scales_with_tight_budget():
 
 
 def test_evict_newest_switch():
-    pol = AMSKVPolicy(c_cds=2, c_min=50, c_max=200, evict_newest=True)
+    pol = OnlineAMSKVPolicy(c_cds=2, c_min=50, c_max=200, evict_newest=True)
     kept, decisions, _, _ = run_layer(pol)
     assert decisions[8].keep is False  # 169 tokens alone overflow c_min = 50: the newest leaves too
     assert kept[8] == [0, 1]
-    kept_default, _, _, _ = run_layer(AMSKVPolicy(c_cds=2, c_min=50, c_max=200))
+    kept_default, _, _, _ = run_layer(OnlineAMSKVPolicy(c_cds=2, c_min=50, c_max=200))
     assert kept_default[8] == [0, 1, 8]
 
 
@@ -87,7 +88,7 @@ def test_invariants_over_random_parameters_and_similarities(patch_nums):
         c_cds = rng.randint(0, 3)
         c_min = rng.choice([0, 5] + cum)
         c_max = rng.choice([c for c in [c_min] + cum if c >= c_min])
-        pol = AMSKVPolicy(c_cds=c_cds, c_min=c_min, c_max=c_max, evict_newest=rng.random() < 0.3)
+        pol = OnlineAMSKVPolicy(c_cds=c_cds, c_min=c_min, c_max=c_max, evict_newest=rng.random() < 0.3)
         pattern = [rng.random() < 0.5 for _ in tokens]
         state = pol.init_layer(0)
         budgets = [state.budget]
@@ -115,7 +116,7 @@ def test_vanilla_full_window_sink():
 
 
 def test_make_policy_presets_and_arguments(tmp_path):
-    pol = make_policy("amskv", PATCH_NUMS_256, {"preset": "aggressive", "c_min": "50"})
+    pol = make_policy("amskv", PATCH_NUMS_256, {"preset": "aggressive", "c_min": 50})
     assert (pol.c_cds, pol.c_min, pol.c_max) == (2, 50, AMSKV_PRESETS["aggressive"]["256"]["c_max"])
     assert make_policy("amskv", PATCH_NUMS_512).c_max == AMSKV_PRESETS["default"]["512"]["c_max"]
     assert make_policy("amskv", PATCH_NUMS_DEMO).c_min == AMSKV_PRESETS["default"]["demo"]["c_min"]
@@ -136,7 +137,7 @@ def test_make_policy_presets_and_arguments(tmp_path):
 
 
 def test_static_flags_replace_the_online_test():
-    pol = AMSKVPolicy(c_cds=2, c_min=100, c_max=155, demanding=(False, True))
+    pol = StaticAMSKVPolicy((False, True), c_cds=2, c_min=100, c_max=155)
     for layer, expanded in ((0, None), (1, 6)):
         state = pol.init_layer(layer)
         assert isinstance(state, LayerState)
@@ -174,7 +175,7 @@ def test_theta_defaults_sit_where_docs_kv_cache_md_says_on_the_shipped_profiles(
     weights = resources.files("amskv") / "weights"
     demo, mnist64 = (read_profile(weights / f"{name}_profile.json") for name in ("demo", "mnist64"))
     assert round(online_theta(demo), 2) == AMSKV_PRESETS["default"]["demo"]["theta"] == 0.45
-    default = AMSKVPolicy().theta  # the 256 and 512 px presets set no theta of their own
+    default = OnlineAMSKVPolicy().theta  # the 256 and 512 px presets set no theta of their own
     assert "theta" not in AMSKV_PRESETS["default"]["256"] and default == 0.8
     assert default >= online_theta(mnist64)
     lowest = {layer: min(by[s] for s in mnist64.test_scales) for layer, by in mnist64.similarity.items()}

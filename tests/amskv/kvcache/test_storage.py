@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from amskv.config import PATCH_NUMS_256
-from amskv.kvcache.policy import AMSKVPolicy, make_policy
+from amskv.kvcache.policy import OnlineAMSKVPolicy, StaticAMSKVPolicy, make_policy
 from amskv.kvcache.storage import KVCache
 from amskv.memory import plan_kv
 from amskv.sampling import SamplingParams
@@ -53,7 +53,7 @@ def drive(cache, patch_nums=PATCH_NUMS_256, seed=0):
 
 
 def test_amskv_storage_reuses_evicted_memory_and_keeps_content():
-    policy = AMSKVPolicy(c_cds=2, c_min=100, c_max=155, demanding=(True, False, True))
+    policy = StaticAMSKVPolicy((True, False, True), c_cds=2, c_min=100, c_max=155)
     cache, plan = make_cache(policy)
     inserted = drive(cache)
     for layer in cache.layers:
@@ -79,7 +79,7 @@ def test_every_policy_keeps_content_through_compaction():
 
 
 def test_online_similarity_is_recorded_and_matches_definition():
-    cache, _ = make_cache(AMSKVPolicy(c_cds=2, c_min=100, c_max=155, theta=2.0))
+    cache, _ = make_cache(OnlineAMSKVPolicy(c_cds=2, c_min=100, c_max=155, theta=2.0))
     drive(cache)
     assert set(cache.similarities) == set(range(DEPTH))
     assert all(set(by_scale) == {6} for by_scale in cache.similarities.values())  # asked once, at the overflow
