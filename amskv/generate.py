@@ -37,15 +37,20 @@ class TokenResult:
 
 def allocate_cache(var: VAR, policy: KVPolicy, batch: int, dtype: torch.dtype, device, observer=None,
                    pool: KVPool | None = None, row_offset: int = 0, growth: bool = True) -> KVCache:
-    """The batch's cache: views of ``pool`` when it holds this plan and batch, else new buffers.
+    """The batch's cache on ``pool`` (rows ``row_offset ..``), or on a pool of its own for this batch when none is
+    given (a CLI or benchmark call). A pool made for another plan, dtype or fewer images raises: the KV manager
+    sizes its pool for every call it runs, so a mismatch is a bug, not a batch to allocate for silently.
 
     ``row_offset``/``growth``: a scheduler's cohort on its pool slots, never allocating (``KVCache``)."""
     cfg = var.config
     # the profile's plan, or the worst case when layers decide online
     plan = policy_plan(policy, cfg.patch_nums, cfg.depth)
-    return KVCache(policy, cfg.patch_nums, rows=2 * batch, heads=cfg.num_heads, head_dim=cfg.head_dim,
-                   capacities=list(plan.capacities), workspace_tokens=plan.workspace_tokens,
-                   dtype=dtype, device=device, observer=observer, pool=pool, row_offset=row_offset, growth=growth)
+    if pool is None:
+        pool = KVPool(batch, cfg.num_heads, cfg.head_dim, list(plan.capacities), plan.workspace_tokens, dtype, device)
+    elif not pool.fits(2 * batch, list(plan.capacities), plan.workspace_tokens, dtype, row_offset):
+        raise ValueError(f"{batch} images from slot {row_offset // 2} under this plan do not fit the KV pool "
+                         f"({pool.images} images, capacities {pool.capacities}, {pool.dtype})")
+    return KVCache(policy, cfg.patch_nums, pool, 2 * batch, row_offset=row_offset, observer=observer, growth=growth)
 
 
 @functools.lru_cache(maxsize=32)

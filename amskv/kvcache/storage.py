@@ -7,8 +7,9 @@ right after the kept ones when it fits; otherwise the kept scales and the curren
 in the workspace (sized for the largest such moment of any layer). Evicting a scale compacts the
 buffer, so its memory is really reused. Nothing here calls ``torch.cat``.
 
-A ``KVPool`` holds these buffers for the largest batch once; a ``KVCache`` built on it uses views of its
-first rows, so batch after batch allocates nothing. The one exception is online AMS-KV with a profile: a
+A ``KVPool`` holds these buffers for the largest batch once; every ``KVCache`` is views of a run of its rows
+(one storage path: a call without the manager's pool gets a pool of its own), so batch after batch allocates
+nothing. The one exception is online AMS-KV with a profile: a
 layer that expands although the profile did not plan it gets a larger buffer on the spot (``unplanned``),
 but only within the pool's ``GrowthAllowance``: an expansion whose buffers would not fit is refused (the
 layer keeps ``c_min``), so a budget the pool's owner grants is never exceeded.
@@ -75,6 +76,7 @@ class KVPool:
                  dtype, device):
         rows = 2 * images
         self.images, self.capacities, self.workspace_tokens = images, tuple(capacities), workspace_tokens
+        self.heads, self.head_dim = heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.growth = GrowthAllowance()
         with record_function(KV_RANGE):
@@ -95,15 +97,11 @@ class KVPool:
 
 
 class Workspace:
-    """Scratch K/V for one layer at a time: [kept scales + current scale] when they exceed the layer buffer."""
+    """Scratch K/V for one layer at a time: [kept scales + current scale] when they exceed the layer buffer.
+    Layers take turns with it, so a cache's rows of the pool's one workspace serve every layer."""
 
-    def __init__(self, rows: int, heads: int, head_dim: int, tokens: int, dtype, device, pool: KVPool | None = None):
-        if pool is not None and pool.ws_k is not None and pool.ws_v is not None:
-            self.k, self.v = pool.ws_k[:rows], pool.ws_v[:rows]
-        else:
-            with record_function(KV_RANGE):
-                self.k = torch.empty(rows, heads, tokens, head_dim, dtype=dtype, device=device)
-                self.v = torch.empty_like(self.k)
+    def __init__(self, ws_k: torch.Tensor, ws_v: torch.Tensor, rows: int):
+        self.k, self.v = ws_k[:rows], ws_v[:rows]
 
     @property
     def nbytes(self) -> int:
@@ -113,20 +111,15 @@ class Workspace:
 class LayerKV:
     """The object a layer's attention talks to: ``attend`` before SDPA, ``commit`` after it."""
 
-    def __init__(self, cache: KVCache, layer: int, capacity: int, pool: KVPool | None = None):
+    def __init__(self, cache: KVCache, layer: int, pool: KVPool):
         # a weak reference: a cycle (cache -> layers -> cache) would keep this batch's own and grown buffers
         # alive until the garbage collector runs, past the call, and so past the budget (measured)
         self.cache: KVCache = weakref.proxy(cache)
         self.layer = layer
-        rows, heads, head_dim = cache.rows, cache.heads, cache.head_dim
-        if pool is not None:  # views of the pool's rows from the cache's offset: contiguous, nothing allocated
-            first = cache.row_offset
-            self.k, self.v = pool.k[layer][first:first + rows], pool.v[layer][first:first + rows]
-        else:
-            with record_function(KV_RANGE):
-                self.k = torch.empty(rows, heads, capacity, head_dim, dtype=cache.dtype, device=cache.device)
-                self.v = torch.empty_like(self.k)
-        self.capacity = capacity
+        # views of the pool's rows from the cache's offset: contiguous, nothing allocated
+        first, rows = cache.row_offset, cache.rows
+        self.k, self.v = pool.k[layer][first:first + rows], pool.v[layer][first:first + rows]
+        self.capacity = pool.capacities[layer]
         self.grown_bytes = 0  # bytes of the buffer this layer grew into beyond the plan (0: the planned one)
         self.segments: list[Segment] = []
         self.length = 0
@@ -228,8 +221,9 @@ class LayerKV:
         if not planned and self.cache.allow_growth:  # growth beyond the plan, within the pool's allowance
             before = dataclasses.replace(self.state, kept=list(self.state.kept))
 
-            def can_expand() -> bool:  # asked only when the expansion is due
+            def reserve_growth() -> bool:  # asked only when the expansion is due
                 return self.cache.growth.reserve(self.layer, self.growth_peak_bytes(before))
+            can_expand = reserve_growth
         decision: Decision = policy.decide(self.state, self.layer, si, self.cache.scale_tokens, self.similarity,
                                            can_expand=can_expand)
         current = Segment(si, n, T)
@@ -263,33 +257,32 @@ class LayerKV:
 class KVCache:
     """All layers' storage for one batch, allocated from a memory plan (``amskv.memory.plan_kv``)."""
 
-    def __init__(self, policy: KVPolicy, patch_nums: tuple[int, ...], rows: int, heads: int, head_dim: int,
-                 capacities: list[int], workspace_tokens: int, dtype, device, observer=None,
-                 pool: KVPool | None = None, row_offset: int = 0, growth: bool = True):
-        """``row_offset``: the first pool row this cache's rows use (a scheduler's slots). ``growth`` False:
-        nothing is ever allocated outside the pool, so an expansion the plan did not reserve is refused."""
+    def __init__(self, policy: KVPolicy, patch_nums: tuple[int, ...], pool: KVPool, rows: int, *,
+                 row_offset: int = 0, observer=None, growth: bool = True):
+        """Views of ``rows`` rows of ``pool`` from ``row_offset`` (a scheduler's slots; a batch of its own gets a
+        pool of its own, ``amskv.generate.allocate_cache``). ``growth`` False: nothing is ever allocated outside
+        the pool, so an expansion the plan did not reserve is refused."""
+        if not 0 <= row_offset <= row_offset + rows <= 2 * pool.images:
+            raise ValueError(f"rows {row_offset}..{row_offset + rows} are not in the KV pool of {pool.images} images")
         self.policy, self.patch_nums = policy, tuple(patch_nums)
         self.row_offset = row_offset
         self.scale_tokens = tuple(p * p for p in self.patch_nums)
-        self.rows, self.heads, self.head_dim, self.dtype, self.device = rows, heads, head_dim, dtype, device
+        self.rows, self.heads, self.head_dim = rows, pool.heads, pool.head_dim
+        self.dtype, self.device = pool.dtype, pool.device
         self.observer = observer
         self.scale = 0
         self.similarities: dict[int, dict[int, float]] = {}
-        if pool is not None and not pool.fits(rows, capacities, workspace_tokens, dtype, row_offset):
-            if not growth:
-                raise ValueError(f"rows {row_offset}..{row_offset + rows} under this plan do not fit the KV pool")
-            pool = None  # another plan or a larger batch than the pool holds: allocate for this batch
-        self.pooled, self.pool = pool is not None, pool
+        self.pool = pool
         # growth is legitimate only when the plan is a profile's, not the worst case
         self.allow_growth = growth and getattr(policy, "planned", None) is not None
-        self.growth = pool.growth if pool is not None else GrowthAllowance()  # a cache of its own: unbounded
+        self.growth = pool.growth
         self.unplanned_bytes = 0  # the peak of the grown buffers held at once (a replaced one is freed)
         self._grown_now = 0
-        self.workspace = Workspace(rows, heads, head_dim, workspace_tokens, dtype, device, pool) \
-            if workspace_tokens else None
-        self.layers = [LayerKV(self, i, c, pool) for i, c in enumerate(capacities)]
+        self.workspace = Workspace(pool.ws_k, pool.ws_v, rows) \
+            if pool.ws_k is not None and pool.ws_v is not None else None
+        self.layers = [LayerKV(self, i, pool) for i in range(len(pool.capacities))]
         self.planned_bytes = self._held_bytes()
-        self._stored_tokens = [0] * len(capacities)
+        self._stored_tokens = [0] * len(pool.capacities)
         self.peak_stored_tokens = 0
         self.kept_after_scale: list[list[list[int]]] = []  # [scale][layer] -> kept scale indices
 
@@ -343,12 +336,10 @@ class KVCache:
 
         Rows are laid out per image (2i conditional, 2i + 1 unconditional), so any run of images is a
         contiguous run of rows whose kept scales sit where they are. Every layer's bookkeeping is copied."""
-        if self.pool is None or not 0 <= image < image + count <= self.rows // 2:
-            raise ValueError("only a pooled cache splits, into a run of its own images")
-        part = KVCache(self.policy, self.patch_nums, 2 * count, self.heads, self.head_dim,
-                       [layer.capacity for layer in self.layers],
-                       self.workspace.k.shape[2] if self.workspace is not None else 0, self.dtype, self.device,
-                       self.observer, self.pool, self.row_offset + 2 * image, growth=self.allow_growth)
+        if not 0 <= image < image + count <= self.rows // 2:
+            raise ValueError(f"images {image}..{image + count} are not in this cache of {self.rows // 2}")
+        part = KVCache(self.policy, self.patch_nums, self.pool, 2 * count, row_offset=self.row_offset + 2 * image,
+                       observer=self.observer, growth=self.allow_growth)
         part.scale = self.scale
         for mine, theirs in zip(part.layers, self.layers, strict=True):
             mine.segments, mine.length = list(theirs.segments), theirs.length

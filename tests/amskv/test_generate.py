@@ -90,3 +90,19 @@ def test_more_smooth_row_alone_equals_the_row_in_a_mixed_batch(golden_engine):
         alone = golden_engine.generate([labels[i]], [seeds[i]], [params[i]])
         assert all(torch.equal(b[i], a[0]) for b, a in zip(batch.tokens, alone.tokens))
         assert torch.equal(batch.images[i], alone.images[0]), f"row {i}: more_smooth image depends on its batch"
+
+
+def test_a_pool_that_does_not_hold_the_batch_raises_instead_of_allocating(golden_engine):
+    """The KV manager sizes its pool for every call; a call that does not fit it is a bug to surface, not a batch
+    to allocate for on the side (which would escape the budget unseen)."""
+    import pytest
+
+    pool = golden_engine.new_pool(1)
+    with pytest.raises(ValueError, match="do not fit the KV pool"):  # more images than the pool holds
+        golden_engine.generate([1, 2], [0, 1], GREEDY, pool=pool)
+    other = golden_engine.with_policy("window", {"window": 1})  # another plan: smaller per-layer capacities
+    with pytest.raises(ValueError, match="do not fit the KV pool"):
+        other.generate([1], [0], GREEDY, pool=pool)
+    fits = golden_engine.generate([1], [0], GREEDY, pool=pool)
+    alone = golden_engine.generate([1], [0], GREEDY)  # a pool of its own, the same plan: the same image
+    assert torch.equal(fits.images, alone.images)

@@ -6,7 +6,7 @@ import torch
 
 from amskv.config import PATCH_NUMS_256
 from amskv.kvcache.policy import OnlineAMSKVPolicy, StaticAMSKVPolicy, make_policy
-from amskv.kvcache.storage import KVCache
+from amskv.kvcache.storage import KVCache, KVPool
 from amskv.memory import plan_kv
 from amskv.sampling import SamplingParams
 
@@ -16,8 +16,8 @@ ROWS, HEADS, HD, DEPTH = 2, 2, 4, 3
 
 def make_cache(policy, patch_nums=PATCH_NUMS_256, observer=None):
     plan = plan_kv(policy, patch_nums, DEPTH)
-    return KVCache(policy, patch_nums, ROWS, HEADS, HD, list(plan.capacities), plan.workspace_tokens,
-                   torch.float32, "cpu", observer), plan
+    pool = KVPool(ROWS // 2, HEADS, HD, list(plan.capacities), plan.workspace_tokens, torch.float32, "cpu")
+    return KVCache(policy, patch_nums, pool, ROWS, observer=observer), plan
 
 
 def drive(cache, patch_nums=PATCH_NUMS_256, seed=0):
