@@ -46,7 +46,9 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(C))  # K has no bias; kept because checkpoints carry it
         self.proj = Linear(C, C)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, kv=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: BlockCausal | None = None, kv=None) -> torch.Tensor:
+        """``mask``: teacher forcing's block-causal attention; None when generating (the current scale attends
+        to itself and, through ``kv``, to the kept scales: nothing to mask)."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))  # parameters, not K/V
         # mat_qkv's own GEMM form (amskv.model.invariant), with the q/v bias it lacks as a module
@@ -59,10 +61,10 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if kv is not None:
             k, v = kv.attend(q, k, v)  # (B, H, kept + L, hd) views into preallocated storage
-        if isinstance(attn_bias, BlockCausal):
-            out = attn_bias.attend(q, k, v, self.scale)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+            out = mask.attend(q, k, v, self.scale)
         if kv is not None:
             kv.commit()  # the policy decides what this layer keeps; storage compacts
         return self.proj(out.transpose(1, 2).reshape(B, L, C))  # (B, H, L, hd) -> (B, L, C)
@@ -106,7 +108,7 @@ class AdaLNSelfAttn(nn.Module):
         if not cfg.shared_aln:
             self.ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 6 * C))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias=None, kv=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: BlockCausal | None = None, kv=None) -> torch.Tensor:
         # cond: (B, C) class condition, or (B, 1, 6, C) from shared_ada_lin when AdaLN is shared
         if self.shared_aln:
             mods = self.ada_gss + cond
@@ -114,7 +116,7 @@ class AdaLNSelfAttn(nn.Module):
             mods = self.ada_lin(cond).view(-1, 1, 6, self.C)  # (B, 6C) -> (B, 1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)  # each (B, 1, C)
         h = self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)
-        x = x + self.attn(h, attn_bias, kv).mul_(gamma1)
+        x = x + self.attn(h, mask, kv).mul_(gamma1)
         h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
         return x + self.ffn(h).mul(gamma2)
 
@@ -236,15 +238,16 @@ class VAR(nn.Module):
     def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(h.float(), cond_BD.float()).float()).float()
 
-    def run_blocks(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias=None, kv_layers=None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, cond_BD: torch.Tensor, mask: BlockCausal | None = None,
+                   kv_layers=None) -> torch.Tensor:
         """All blocks, in the blocks' dtype; returns fp32 hidden states."""
         dtype = self.blocks[0].attn.mat_qkv.weight.dtype
         cond = self.block_condition(cond_BD.to(dtype))
         x = x.to(dtype)
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(dtype)
+        if mask is not None:
+            mask = mask.to(dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, cond, attn_bias, None if kv_layers is None else kv_layers[i])
+            x = block(x, cond, mask, None if kv_layers is None else kv_layers[i])
         return x.float()
 
     def run_packed(self, x: torch.Tensor, cond_rows: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -273,5 +276,7 @@ class VAR(nn.Module):
         sos = cond_BD.unsqueeze(1) + self.pos_start.expand(B, 1, -1)  # (B, 1, C)
         x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1) + self.lvl_pos()  # (B, L, C)
         mask = self.attn_bias_for_masking[:, :, :L, :L]
-        h = self.run_blocks(x, cond_BD, BlockCausal(self.config.patch_nums, mask) if split_attention else mask)
+        # one masked SDPA over all L tokens, or the split form (the same scores, to rounding)
+        attention = BlockCausal(self.config.patch_nums, mask, masked_tokens=160 if split_attention else L)
+        h = self.run_blocks(x, cond_BD, attention)
         return self.get_logits(h, cond_BD)
