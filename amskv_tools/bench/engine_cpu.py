@@ -104,6 +104,7 @@ def measure(var_cfg: VARConfig, vae_cfg: VQVAEConfig, variants: list[str], batch
     for w in workers:
         total = statistics.median(run["total_s"] for run in runs[w.name])
         rows.append({"variant": w.name, "invariance": w.info["invariance"], "code": w.info["amskv"],
+                     "invariance_check_s": w.info.get("invariance_check_s"),
                      "total_s": total, "ar_s": statistics.median(run["ar_s"] for run in runs[w.name]),
                      "images_sha256": sorted({run["images_sha256"] for run in runs[w.name]}),
                      "runs": runs[w.name]})

@@ -49,7 +49,8 @@ def main(tree: str, spec: dict) -> None:
     invariance = getattr(engine, "invariance", None)
     print(json.dumps({"ready": True, "amskv": amskv.__file__,
                       "invariance": "fixed 64-row tiles (old engine)" if invariance is None
-                      else invariance.describe()}), flush=True)
+                      else invariance.describe(),
+                      "invariance_check_s": None if invariance is None else invariance.seconds}), flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
             break

@@ -47,6 +47,7 @@ def test_health_model_card_classes_and_docs(api):
     assert api.get("/readyz").json()["status"] == "READY"
     card = api.get("/v1/models").json()["data"][0]
     assert card["kv_bytes_per_image"] > 0 and 1 <= card["max_batch"] <= 4
+    assert card["batch_invariance"].startswith("auto: ")  # the default, and what the check at load chose
     classes = api.get("/v1/classes").json()["data"]
     assert len(classes) == card["num_classes"]
     if card["num_classes"] == 10:
