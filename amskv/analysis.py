@@ -186,7 +186,7 @@ def analyze(engine, labels: list[int], seeds: list[int], params, batch: int,
     """
     cfg = engine.config
     full = engine.with_policy("full")
-    observer = AttentionObserver(cfg.depth, cfg.patch_nums, float(engine.var.blocks[0].attn.scale))
+    observer = AttentionObserver(cfg.depth, cfg.patch_nums, float(engine.var.block_list[0].attn.scale))
     vis_sum = torch.zeros(cfg.depth, cfg.num_scales, dtype=torch.float64)
     result = AnalysisResult(engine.model_name, engine.policy.describe(), cfg.patch_nums, len(labels),
                             torch.empty(0), {}, torch.empty(0))
@@ -208,7 +208,8 @@ def analyze(engine, labels: list[int], seeds: list[int], params, batch: int,
     return result
 
 
-def write_heatmaps(result: AnalysisResult, out_dir: str | Path, profile: CalibrationProfile | None = None) -> list[Path]:
+def write_heatmaps(result: AnalysisResult, out_dir: str | Path,
+                   profile: CalibrationProfile | None = None) -> list[Path]:
     """density.png, similarity.png, kept.png; returns their paths."""
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure  # no pyplot: no global backend state

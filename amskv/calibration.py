@@ -117,7 +117,8 @@ def demanding_count(depth: int, fraction: float) -> int:
     return min(depth, max(1, round(fraction * depth)))
 
 
-def calibrate_engine(engine, policy: AMSKVPolicy, settings: CalibrationSettings = CalibrationSettings()) -> CalibrationProfile:
+def calibrate_engine(engine, policy: AMSKVPolicy,
+                     settings: CalibrationSettings = CalibrationSettings()) -> CalibrationProfile:
     """Measure ``engine``'s layers and flag the demanding ones for ``policy``'s parameters (see module doc)."""
     from amskv.sampling import SamplingParams
 

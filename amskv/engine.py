@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any
 
 import torch
 
@@ -29,7 +30,8 @@ from amskv.kvcache.policy import DEFAULT_POLICY, AMSKVPolicy, KVPolicy, make_pol
 from amskv.kvcache.profile import CalibrationProfile
 from amskv.kvcache.storage import KVPool
 from amskv.memory import DTYPES, KVMemory, kv_memory
-from amskv.model.invariance_probe import Invariance, choose as choose_invariance
+from amskv.model.invariance_probe import Invariance
+from amskv.model.invariance_probe import choose as choose_invariance
 from amskv.model.loading import CheckpointError, load_pair
 from amskv.model.var import VAR
 from amskv.model.vqvae import VQVAE
@@ -37,6 +39,8 @@ from amskv.sampling import RowParams, SamplingParams
 from amskv.step import Cohort, StepResult, new_cohort, run_step
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_PARAMS = SamplingParams()  # frozen: one shared default is safe
 
 DEFAULT_MODEL = "demo"
 # Images per VQVAE decoder call (padded to this size, see decode_images). A GPU gains from batching the
@@ -168,7 +172,7 @@ class Engine:
              policy: str = DEFAULT_POLICY, policy_args: dict | None = None, dtype: str = "fp32",
              device: str = "cpu", profile: str | Path = AUTO, profile_cache_dir: str | Path | None = None,
              calibration: CalibrationSettings | None = None, model: str | None = None,
-             batch_invariant: str = "auto") -> "Engine":
+             batch_invariant: str = "auto") -> Engine:
         """``None`` paths load a bundled model: ``model`` (demo or mnist64; default demo), never given with paths.
         Raises CheckpointError or ValueError on bad input.
 
@@ -248,7 +252,7 @@ class Engine:
     def policy_name(self) -> str:
         return self.policy.name
 
-    def with_policy(self, policy: str, policy_args: dict | None = None) -> "Engine":
+    def with_policy(self, policy: str, policy_args: dict | None = None) -> Engine:
         """The same weights under another KV policy."""
         return Engine(self.var, self.vae, make_policy(policy, self.config.patch_nums, policy_args),
                       self.dtype, self.device, self.model_name, self.invariance.mode)
@@ -264,7 +268,7 @@ class Engine:
 
     def new_pool(self, images: int) -> KVPool:
         """KV buffers for up to ``images`` images under this policy, for ``generate(..., pool=)`` to reuse."""
-        return plan_pool(self.var, self.policy, images, self.var.blocks[0].attn.mat_qkv.weight.dtype, self.device)
+        return plan_pool(self.var, self.policy, images, self.var.blocks_dtype, self.device)
 
     @torch.inference_mode()
     def start_cohort(self, pool: KVPool, slot: int, labels: Sequence[int], seeds: Sequence[int],
@@ -306,7 +310,7 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, labels: Sequence[int], seeds: Sequence[int],
-                 params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
+                 params: Sequence[SamplingParams] | SamplingParams = DEFAULT_PARAMS,
                  pool: KVPool | None = None, previews: Sequence[Collection[int]] | None = None,
                  on_preview: PreviewCallback | None = None) -> GenerationResult:
         """Image i depends only on (labels[i], seeds[i], params[i]). ``pool``: reuse its KV buffers.

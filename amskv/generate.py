@@ -81,7 +81,7 @@ def generate_tokens(var: VAR, vae: VQVAE, labels: torch.Tensor, seeds: torch.Ten
     t0 = time.perf_counter()
     cfg, quant = var.config, vae.quantize
     B, S, device = labels.shape[0], cfg.num_scales, labels.device
-    kv_dtype = var.blocks[0].attn.mat_qkv.weight.dtype
+    kv_dtype = var.blocks_dtype
     cache = allocate_cache(var, policy, B, kv_dtype, device, observer, pool)
 
     cond_BD = var.class_emb(torch.cat((labels, torch.full_like(labels, var.null_class))))  # (2B, C): cond | uncond
@@ -170,7 +170,8 @@ def decode_images(vae: VQVAE, f_hat: torch.Tensor, tokens: list[torch.Tensor] | 
                 keep[:n] = exact_rows[start:start + n]
             part = torch.where(keep.view(-1, 1, 1, 1), rebuilt, part)
         img = vae.fhat_to_img(part.to(dtype))[:n].float().add_(1).mul_(0.5)  # [-1, 1] -> [0, 1]
-        out.append(img.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())  # (b, C, H, W) -> (b, H, W, C)
+        # (b, C, H, W) -> (b, H, W, C)
+        out.append(img.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
 
 

@@ -6,9 +6,10 @@ Per image counts K and V of both CFG rows.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -59,7 +60,7 @@ def plan_kv(policy: KVPolicy, patch_nums: tuple[int, ...], depth: int,
         for layer in range(depth):
             n = stored[layer]
             working[layer] = max(working[layer], n + T)
-            policy.decide(states[layer], layer, si, scale_tokens, lambda: similarity(layer, si))
+            policy.decide(states[layer], layer, si, scale_tokens, functools.partial(similarity, layer, si))
             stored[layer] = sum(scale_tokens[s] for s in states[layer].kept)
             capacities[layer] = max(capacities[layer], stored[layer])
             peak_sum = max(peak_sum, sum(stored))
@@ -74,7 +75,7 @@ def _place_working_sets(kept_peak: list[int], working: list[int]) -> tuple[tuple
     buffer for what it keeps plus the shared workspace. The workspace pays off once several layers
     share it (deep models); a shallow model attends in place. Returns (capacities, workspace tokens)
     minimising their sum; on a tie, the smaller workspace (fewer copies)."""
-    needs = sorted({w for k, w in zip(kept_peak, working) if w > k})
+    needs = sorted({w for k, w in zip(kept_peak, working, strict=True) if w > k})
     best = None
     for ws in [0] + needs:
         caps = tuple(k if w <= k or w <= ws else w for k, w in zip(kept_peak, working, strict=True))

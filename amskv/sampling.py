@@ -32,7 +32,7 @@ class RowParams:
     more_smooth: torch.Tensor  # (B,) bool
 
     @classmethod
-    def stack(cls, params: list[SamplingParams], device) -> "RowParams":
+    def stack(cls, params: list[SamplingParams], device) -> RowParams:
         return cls(
             cfg=torch.tensor([p.cfg for p in params], dtype=torch.float64, device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
@@ -40,7 +40,7 @@ class RowParams:
             more_smooth=torch.tensor([p.more_smooth for p in params], dtype=torch.bool, device=device),
         )
 
-    def rows(self, start: int, count: int) -> "RowParams":
+    def rows(self, start: int, count: int) -> RowParams:
         """The parameters of rows start .. start + count."""
         part = slice(start, start + count)
         return RowParams(self.cfg[part], self.top_k[part], self.top_p[part], self.more_smooth[part])

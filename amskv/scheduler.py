@@ -153,7 +153,7 @@ class Scheduler(Generic[Tag]):
             if not any(gone):
                 kept.append(c)
                 continue
-            dropped += [spec for spec, g in zip(c.tags, gone) if g]
+            dropped += [spec for spec, g in zip(c.tags, gone, strict=True) if g]
             start = 0
             for i in range(c.n + 1):  # keep each run of surviving images as a cohort of its own
                 if i == c.n or gone[i]:
@@ -198,7 +198,7 @@ class Scheduler(Generic[Tag]):
         outcome.refused_expansions = result.refused_expansions
         for c, images in result.finished:
             self._retire(c)
-            outcome.images += list(zip(c.tags, images))
+            outcome.images += list(zip(c.tags, images, strict=True))
         outcome.seconds = time.perf_counter() - began
         return outcome
 

@@ -50,7 +50,7 @@ class Cohort:
     def n(self) -> int:
         return len(self.tags)
 
-    def split(self, image: int, count: int) -> "Cohort":
+    def split(self, image: int, count: int) -> Cohort:
         """Images ``image .. image + count`` as a cohort of their own, on the same slots and cache rows."""
         part, rows = slice(image, image + count), slice(2 * image, 2 * (image + count))
         return Cohort(self.slot + image, self.labels[part], self.seeds[part], self.params.rows(image, count),
@@ -73,7 +73,7 @@ def new_cohort(var: VAR, policy: KVPolicy, pool: KVPool, slot: int, labels: torc
                params: RowParams, tags: list[Any], previews: list[frozenset[int]], order: int = 0) -> Cohort:
     """A cohort at scale 0 on slots ``slot .. slot + n`` of ``pool`` (labels, seeds on the model's device)."""
     cfg, n = var.config, labels.shape[0]
-    kv_dtype = var.blocks[0].attn.mat_qkv.weight.dtype
+    kv_dtype = var.blocks_dtype
     cache = allocate_cache(var, policy, n, kv_dtype, labels.device, pool=pool, row_offset=2 * slot, growth=False)
     pairs = torch.stack((labels, torch.full_like(labels, var.null_class)), dim=1).view(2 * n)  # (n, 2) -> (2n,)
     cond = var.class_emb(pairs)  # (2n, C)
@@ -107,8 +107,10 @@ def run_step(var: VAR, vae: VQVAE, cohorts: list[Cohort], decode_chunk: int = 8)
         c.cache.end_scale()
     logits = var.logits_packed(h, cond_rows, packing)  # (T, V)
     lvl_pos = var.lvl_pos()
-    previews, rows_per_scale, finished = [], {}, []
-    for c, (t0, rows, length) in zip(cohorts, spans):
+    previews: list[tuple[object, int, torch.Tensor]] = []
+    rows_per_scale: dict[int, int] = {}
+    finished: list[tuple[Cohort, torch.Tensor]] = []
+    for c, (t0, rows, length) in zip(cohorts, spans, strict=True):
         si, n = c.scale, c.n
         rows_per_scale[si] = rows_per_scale.get(si, 0) + n
         ratio = si / (S - 1) if S > 1 else 0.0
@@ -120,7 +122,7 @@ def run_step(var: VAR, vae: VQVAE, cohorts: list[Cohort], decode_chunk: int = 8)
         if wanted:
             index = torch.tensor(wanted, dtype=torch.int64, device=c.f_hat.device)
             images = decode_previews(vae, c.f_hat.index_select(0, index))
-            previews += [(c.tags[i], si, image) for i, image in zip(wanted, images)]
+            previews += [(c.tags[i], si, image) for i, image in zip(wanted, images, strict=True)]
         if nxt is not None:
             c.x = nxt.repeat_interleave(2, dim=0)  # (n, pn'^2, C) -> (2n, pn'^2, C): both CFG rows of each image
         c.scale += 1

@@ -29,7 +29,7 @@ def zip_archive(images: list[np.ndarray], manifest: dict[str, Any]) -> bytes:
     """Stored (not deflated) PNGs are already compressed; manifest.json describes each entry."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for item, image in zip(manifest["data"], images):
+        for item, image in zip(manifest["data"], images, strict=True):
             archive.writestr(item["file"], png_bytes(image))
         archive.writestr("manifest.json", json.dumps(manifest, indent=2))
     return buffer.getvalue()

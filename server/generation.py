@@ -116,5 +116,5 @@ def render(job: Job, result: JobResult, model: str, response_format: str) -> Res
                                      for item in items], "usage": used}
         headers["Content-Disposition"] = f'attachment; filename="{job.id}.zip"'
         return Response(zip_archive(result.images, manifest), media_type="application/zip", headers=headers)
-    data = [{**item, "b64_json": b64_png(image)} for item, image in zip(items, result.images)]
+    data = [{**item, "b64_json": b64_png(image)} for item, image in zip(items, result.images, strict=True)]
     return JSONResponse({**base, "data": data, "usage": used}, headers=headers)

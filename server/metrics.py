@@ -122,7 +122,8 @@ KV_PER_IMAGE = Gauge(
     ["model"], registry=REGISTRY,
 )
 KV_VANILLA_PER_IMAGE = Gauge(
-    "amskv_kv_cache_vanilla_bytes_per_image", "KV-cache bytes one image would need with the original (vanilla) caching.",
+    "amskv_kv_cache_vanilla_bytes_per_image",
+    "KV-cache bytes one image would need with the original (vanilla) caching.",
     ["model"], registry=REGISTRY,
 )
 KV_REDUCTION = Gauge(
@@ -199,7 +200,8 @@ BUILD_INFO = Gauge(
 # --- histograms -------------------------------------------------------------------------------------
 REQUEST_DURATION = Histogram(
     "amskv_request_duration_seconds",
-    "End-to-end duration of generate requests answered 2xx (rejections and errors are counted in amskv_requests_total).",
+    "End-to-end duration of generate requests answered 2xx "
+    "(rejections and errors are counted in amskv_requests_total).",
     ["endpoint"], buckets=REQUEST_DURATION_BUCKETS, registry=REGISTRY,
 )
 QUEUE_WAIT = Histogram(

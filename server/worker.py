@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from amskv.engine import Engine, EngineInfo
+from amskv.generate import TokenResult
 from amskv.kvcache.manager import KVCacheManager
 from amskv.sampling import SamplingParams
 from amskv.scheduler import ImageSpec, Scheduler, StepEngine, StepOutcome
@@ -72,7 +73,7 @@ class InferenceWorker:
         self.death_reason: str | None = None  # why the thread ended; /livez and the exit watchdog report it
         self.heartbeat = time.monotonic()  # the loop's latest turn; it goes stale only while one step runs
         self._consecutive_failures = 0
-        self.manager: KVCacheManager | None = None  # made on this thread after loading
+        self.manager: KVCacheManager[TokenResult] | None = None  # made on this thread after loading
         self.scheduler: Scheduler[JobImage] | None = None
         self.info: EngineInfo | None = None
         self.max_images = 0  # the most images one step may run (the pool after OOM back-off)
@@ -157,14 +158,14 @@ class InferenceWorker:
                     info.kv_cache.theta, list(info.kv_cache.demanding_layers))
         self.info = info  # last: ``ready`` turns true with it
 
-    def _publish_room(self, scheduler: Scheduler[JobImage], manager: KVCacheManager) -> int:
+    def _publish_room(self, scheduler: Scheduler[JobImage], manager: KVCacheManager[TokenResult]) -> int:
         """Images that may start now (0 = no room), published with the rest of the manager's state."""
         room, state = scheduler.room(), manager.state()
         self.max_images, self.free_images = state.admissible, room
         metrics.publish_kv_state(state, room)
         return room
 
-    def _turn(self, scheduler: Scheduler[JobImage], manager: KVCacheManager) -> None:
+    def _turn(self, scheduler: Scheduler[JobImage], manager: KVCacheManager[TokenResult]) -> None:
         """One scale boundary: drop, admit, step."""
         for job, count in Counter(job_of(s) for s in scheduler.drop(lambda s: job_of(s).status.is_finished())).items():
             self.batcher.dropped(job, count)
@@ -183,7 +184,7 @@ class InferenceWorker:
             self._publish(scheduler.step(), manager)
             metrics.BATCH_RUNNING.set(scheduler.running_images)
 
-    def _publish(self, outcome: StepOutcome[JobImage], manager: KVCacheManager) -> None:
+    def _publish(self, outcome: StepOutcome[JobImage], manager: KVCacheManager[TokenResult]) -> None:
         """Hand a step's previews, images and failures to their jobs, and record its metrics."""
         metrics.record_step(outcome, manager.state())
         self.batcher.note_step(Counter(job_of(s) for s in outcome.ran), outcome.rows, outcome.seconds)

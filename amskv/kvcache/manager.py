@@ -25,19 +25,62 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
-from amskv.config import MAX_IMAGES
+from amskv.config import MAX_IMAGES, VARConfig
 from amskv.device import cuda_free_bytes, cuda_peak, release_cached_blocks
 from amskv.kvcache.storage import GrowthAllowance, KVPool
 from amskv.memory import max_batch
+from amskv.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class TokenRun(Protocol):
+    """What token generation reports that the manager reads (``amskv.generate.TokenResult``)."""
+
+    @property
+    def kv_allocated_bytes(self) -> int: ...
+
+
+class CallResult(TokenRun, Protocol):
+    """What a whole engine call reports that the manager reads (``amskv.engine.GenerationResult``)."""
+
+    @property
+    def unplanned_expansions(self) -> list[int]: ...
+
+
+Tokens = TypeVar("Tokens", bound=TokenRun)
+OnPreview = Callable[[int, list[int], torch.Tensor], None]  # (scale, rows, uint8 images): amskv.engine's
+
+
+class PoolEngine(Protocol[Tokens]):
+    """What the KV manager needs of an engine (``amskv.engine.Engine``): its plan's bytes, a pool, and calls to
+    run and to measure. Generic in what token generation returns, which only goes back to ``decode``."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def config(self) -> VARConfig: ...
+
+    def kv_bytes_per_image(self) -> int: ...
+
+    def new_pool(self, images: int) -> KVPool: ...
+
+    def generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[SamplingParams],
+                 pool: KVPool | None = None, previews: Sequence[Collection[int]] | None = None,
+                 on_preview: OnPreview | None = None) -> CallResult: ...
+
+    def generate_tokens(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[SamplingParams]) \
+            -> Tokens: ...
+
+    def decode(self, res: Tokens) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -72,14 +115,14 @@ class ActivationPeaks:
     decode: int
 
 
-def measure_activations(engine: Any, params: Any, meter: PeakMeter) -> ActivationPeaks:
+def measure_activations(engine: PoolEngine[Tokens], params: SamplingParams, meter: PeakMeter) -> ActivationPeaks:
     """Measure token generation at 1 and 2 images and the decoder apart, each under ``meter``.
 
     The decoder pads every call to ``decode_chunk`` images (8 on CUDA), so a whole ``generate``'s peak is the
     decoder's at 1 image as at 2, and their difference says nothing of what an image costs; measured apart,
     the generation gives the per-image figure and the decoder a constant. The token generation allocates its
     own KV cache, which its result reports and which is taken off (the KV is budgeted as KV)."""
-    def generation(images: int) -> tuple[int, Any]:
+    def generation(images: int) -> tuple[int, Tokens]:
         labels = list(range(images))
         with meter() as peak:
             result = engine.generate_tokens(labels, labels, [params] * images)
@@ -93,8 +136,8 @@ def measure_activations(engine: Any, params: Any, meter: PeakMeter) -> Activatio
     return ActivationPeaks(fixed=max(0, one - per_image), per_image=per_image, decode=peak[0])
 
 
-class KVCacheManager:
-    def __init__(self, engine: Any, *, max_batch: int = MAX_IMAGES, cpu_budget_bytes: int = 2**30,
+class KVCacheManager(Generic[Tokens]):
+    def __init__(self, engine: PoolEngine[Tokens], *, max_batch: int = MAX_IMAGES, cpu_budget_bytes: int = 2**30,
                  gpu_mem_fraction: float = 0.9, recover_after: int = 8) -> None:
         if not 1 <= max_batch <= MAX_IMAGES or recover_after < 1 or not 0 < gpu_mem_fraction <= 1:
             raise ValueError(f"need 1 <= max_batch <= {MAX_IMAGES}, recover_after >= 1 and 0 < gpu_mem_fraction <= 1")
@@ -121,7 +164,7 @@ class KVCacheManager:
         return self.device.type == "cuda"
 
     # --- warm-up ------------------------------------------------------------------------------------
-    def warm_up(self, params: Any) -> None:
+    def warm_up(self, params: SamplingParams) -> None:
         """First-call allocations and kernels; on CUDA measure the activations (``measure_activations``: token
         generation at 1 and 2 images, extrapolated linearly, and the decoder apart). Then allocate the pool for
         the largest admissible batch. Raises ValueError when the budget holds no image."""
@@ -229,15 +272,17 @@ class KVCacheManager:
             self._successes = 0
             logger.info("raised the images per step to %d after %d successful steps", self.cap, self.recover_after)
 
-    def generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[Any], **previews: Any) -> Any:
+    def generate(self, labels: Sequence[int], seeds: Sequence[int], params: Sequence[SamplingParams],
+                 previews: Sequence[Collection[int]] | None = None, on_preview: OnPreview | None = None) -> CallResult:
         """Run one engine call in the pool. Raises torch.OutOfMemoryError (see ``note_oom``) or ValueError
-        when more images are given than the pool holds. ``previews``: the engine's previews= and on_preview=."""
+        when more images are given than the pool holds. ``previews``/``on_preview``: the engine's."""
         if self.pool is None or len(labels) > self.pool_images:
             raise ValueError(f"{len(labels)} images exceed the KV pool ({self.pool_images} images)")
         self._batch_images = len(labels)
         growth = self.pool.growth = GrowthAllowance(self._growth_room(len(labels)))
         try:
-            result = self.engine.generate(list(labels), list(seeds), list(params), pool=self.pool, **previews)
+            result = self.engine.generate(list(labels), list(seeds), list(params), pool=self.pool,
+                                          previews=previews, on_preview=on_preview)
         finally:
             self._batch_images = 0
             self.pool.growth = GrowthAllowance(room_bytes=0)  # the room was this call's; outside one, none

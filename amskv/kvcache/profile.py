@@ -61,7 +61,7 @@ class CalibrationProfile:
         }
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<profile>") -> "CalibrationProfile":
+    def from_dict(cls, data: dict, source: str = "<profile>") -> CalibrationProfile:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{source} is not an amskv calibration profile (format {FORMAT})")
         flags = data.get("demanding")
@@ -91,7 +91,8 @@ class CalibrationProfile:
                 raise TypeError(v)
             return bool(v)
 
-        optional = (lambda v: None if v is None else number(v))
+        def optional(v):
+            return None if v is None else number(v)
         return cls(
             demanding=tuple(flags), model=str(data.get("model", "")),
             theta=field_of("theta", optional, "a number or null"),

@@ -77,7 +77,7 @@ def infer_var_config(sd: dict, path="<state dict>") -> VARConfig:
     if "lvl_1L" in sd:
         counts = torch.bincount(sd["lvl_1L"].flatten().long()).tolist()
         patch_nums = tuple(math.isqrt(c) for c in counts)
-        if any(p * p != c for p, c in zip(patch_nums, counts)):
+        if any(p * p != c for p, c in zip(patch_nums, counts, strict=True)):
             raise CheckpointError(f"{path}: lvl_1L does not describe square scales (tokens per scale {counts})")
     elif L in KNOWN_PATCH_NUMS:
         patch_nums = KNOWN_PATCH_NUMS[L]
@@ -125,7 +125,8 @@ def _check_keys(model: torch.nn.Module, sd: dict, derived: re.Pattern, path) -> 
                   for k in expected if k in sd and sd[k].shape != expected[k].shape]
     if missing or unexpected or mis_shaped:
         parts = []
-        for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mis_shaped)):
+        named = (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mis_shaped))
+        for name, items in named:
             if items:
                 more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
                 parts.append(f"{len(items)} {name}: {items[:MAX_LISTED]}{more}")

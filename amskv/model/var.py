@@ -7,6 +7,7 @@ concatenates K/V itself: at inference it asks its layer's KV cache object (``ams
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,8 @@ class FFN(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    zero_k_bias: torch.Tensor  # a buffer (register_buffer below)
+
     def __init__(self, cfg: VARConfig):
         super().__init__()
         C, H = cfg.embed_dim, cfg.num_heads
@@ -70,7 +73,7 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, C))  # (B, H, L, hd) -> (B, L, C)
 
 
-    def forward_packed(self, x: torch.Tensor, packing: "Packing") -> torch.Tensor:
+    def forward_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Rows at different scales in one call: x is (T, C), every group's tokens back to back.
 
         The dense parts (qkv, proj) run on all T tokens at once; attention runs per group, each group's rows
@@ -79,7 +82,7 @@ class SelfAttention(nn.Module):
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = self.mat_qkv.gemm.linear(x, self.mat_qkv.weight, bias)  # (T, 3C)
         out = qkv.new_empty(T, C)
-        for (t0, rows, length), kv in zip(packing.spans, packing.layer_kv):
+        for (t0, rows, length), kv in zip(packing.spans, packing.layer_kv, strict=True):
             part = qkv[t0:t0 + rows * length].view(rows, length, 3, self.num_heads, self.head_dim)  # (R, L, 3, H, hd)
             q, k, v = part.permute(2, 0, 3, 1, 4).unbind(0)  # each (R, H, L, hd)
             if self.l2_norm:
@@ -120,7 +123,7 @@ class AdaLNSelfAttn(nn.Module):
         h = self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)
         return x + self.ffn(h).mul(gamma2)
 
-    def forward_packed(self, x: torch.Tensor, cond: torch.Tensor, packing: "Packing") -> torch.Tensor:
+    def forward_packed(self, x: torch.Tensor, cond: torch.Tensor, packing: Packing) -> torch.Tensor:
         """x: (T, C) packed tokens; cond: per sequence row, (R, C) or (R, 1, 6, C) when AdaLN is shared."""
         if self.shared_aln:
             mods = self.ada_gss + cond  # (R, 1, 6, C)
@@ -175,7 +178,7 @@ class BlockCausal:
         self.mask = additive_mask[:, :, :head_end, :head_end]  # (1, 1, T, T) for the early scales
         self.groups = [(0, head_end)] + [be for be in begin_ends[first + 1:]]  # (query begin, query end = key end)
 
-    def to(self, dtype: torch.dtype) -> "BlockCausal":
+    def to(self, dtype: torch.dtype) -> BlockCausal:
         self.mask = self.mask.to(dtype)
         return self
 
@@ -203,6 +206,9 @@ class Packing:
 
 
 class VAR(nn.Module):
+    lvl_1L: torch.Tensor  # buffers (register_buffer below)
+    attn_bias_for_masking: torch.Tensor
+
     def __init__(self, cfg: VARConfig):
         super().__init__()
         self.config = cfg
@@ -223,6 +229,16 @@ class VAR(nn.Module):
         self.head = Linear(C, cfg.vocab_size)
 
     @property
+    def block_list(self) -> list[AdaLNSelfAttn]:
+        """The blocks, typed (a ModuleList's items are plain Modules to the type checker)."""
+        return cast("list[AdaLNSelfAttn]", list(self.blocks))
+
+    @property
+    def blocks_dtype(self) -> torch.dtype:
+        """The dtype the transformer blocks run in (the KV cache's too); embeddings and the head stay fp32."""
+        return self.block_list[0].attn.mat_qkv.weight.dtype
+
+    @property
     def null_class(self) -> int:
         return self.config.num_classes
 
@@ -241,21 +257,21 @@ class VAR(nn.Module):
     def run_blocks(self, x: torch.Tensor, cond_BD: torch.Tensor, mask: BlockCausal | None = None,
                    kv_layers=None) -> torch.Tensor:
         """All blocks, in the blocks' dtype; returns fp32 hidden states."""
-        dtype = self.blocks[0].attn.mat_qkv.weight.dtype
+        dtype = self.blocks_dtype
         cond = self.block_condition(cond_BD.to(dtype))
         x = x.to(dtype)
         if mask is not None:
             mask = mask.to(dtype)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.block_list):
             x = block(x, cond, mask, None if kv_layers is None else kv_layers[i])
         return x.float()
 
     def run_packed(self, x: torch.Tensor, cond_rows: torch.Tensor, packing: Packing) -> torch.Tensor:
         """All blocks over packed tokens x (T, C) of rows at different scales (``Packing``); fp32 out."""
-        dtype = self.blocks[0].attn.mat_qkv.weight.dtype
+        dtype = self.blocks_dtype
         cond = self.block_condition(cond_rows.to(dtype))
         x = x.to(dtype)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.block_list):
             packing.layer_kv = [kv[i] for kv in packing.kv]
             x = block.forward_packed(x, cond, packing)
         return x.float()

@@ -6,6 +6,7 @@ Widths are configurable so the same classes hold the golden reference VAE (ch=32
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -128,8 +129,9 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            downsample = getattr(level, "downsample", None)  # every level but the coarsest
+            if downsample is not None:
+                h = downsample(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -142,7 +144,7 @@ class Decoder(nn.Module):
         c_in = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, 1, 1)
         self.mid = Mid(c_in, cfg.using_mid_sa)
-        levels = []
+        levels: list[nn.Module] = []
         for i in reversed(range(n)):  # built coarse to fine, stored indexed by resolution level
             level = Level(c_in, widths[i], cfg.num_res_blocks + 1, with_attn=cfg.using_sa and i == n - 1)
             if i != 0:
@@ -157,8 +159,9 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            upsample = getattr(level, "upsample", None)  # every level but the finest
+            if upsample is not None:
+                h = upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -207,7 +210,7 @@ class VectorQuantizer2(nn.Module):
         self.codebook_gemm: GemmForm = TILES
 
     def phi(self, si: int) -> Phi:
-        return self.quant_resi.qresi_ls[self.phi_index[si]]
+        return cast(Phi, self.quant_resi.qresi_ls[self.phi_index[si]])
 
     def code_map(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
         B = idx_Bl.shape[0]
