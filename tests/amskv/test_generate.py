@@ -1,4 +1,5 @@
 """Batched generation: per-image determinism, per-row parameters, policies that must not change tokens."""
+import pytest
 import torch
 
 from amskv.sampling import SamplingParams
@@ -11,6 +12,7 @@ def mixed_params(n):
                            more_smooth=False) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_request_alone_equals_request_in_mixed_batch(golden_engine):
     labels, seeds, params = list(range(100, 116)), list(range(1000, 1016)), mixed_params(16)
     batch = golden_engine.generate(labels, seeds, params)
@@ -47,6 +49,7 @@ def test_greedy_is_deterministic_across_seeds(golden_engine):
     assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
 
 
+@pytest.mark.slow
 def test_full_matches_vanilla_and_large_budget_amskv_matches_full(golden_engine):
     labels, seeds, params = [1, 2, 3], [4, 5, 6], mixed_params(3)
     full = golden_engine.generate(labels, seeds, params)
@@ -78,6 +81,7 @@ def test_low_precision_runs(golden_dir):
     assert res.kv_allocated_bytes == eng.memory(2).allocated_bytes  # bf16: 2 bytes per element
 
 
+@pytest.mark.slow
 def test_more_smooth_row_alone_equals_the_row_in_a_mixed_batch(golden_engine):
     # The soft (Gumbel-softmax) codes feed f_hat and the decoder directly, so unlike token rows they cannot
     # be rebuilt from tokens: the row must come out bit-identical from the batched sampler itself.

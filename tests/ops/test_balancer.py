@@ -21,10 +21,11 @@ import httpx
 import pytest
 
 from scripts.haproxy_config import render
-from tests.reliability.conftest import (finish_loadgen, metric_series, metric_total, requests_with_status,
-                                        start_loadgen)
+from tests.reliability.conftest import finish_loadgen, metric_series, metric_total, requests_with_status, start_loadgen
 from tests.server.test_api import Server, free_port
 from tests.tools import find_tool
+
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_CONFIG = REPO / "docker/haproxy/haproxy.cfg"

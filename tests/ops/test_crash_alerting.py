@@ -19,6 +19,8 @@ from tests.server.test_api import ServerProcess, free_port, post
 from tests.server.test_prometheus_scrape import query, stop
 from tests.tools import find_tool
 
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_PROMETHEUS = yaml.safe_load((REPO / "docker/prometheus/prometheus.yml").read_text())
 RULES = REPO / "docker/prometheus/rules/amskv-alerts.yml"

@@ -18,9 +18,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.ops.test_configs import COMPOSE, COMPOSE_CPU, resolved
 from tests.server.test_api import free_port, stop_process
+
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
 
 REPO = Path(__file__).resolve().parents[2]
 HALF_SENT, CLOSE_BOUND_S = 300, 30

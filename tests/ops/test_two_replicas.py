@@ -22,6 +22,8 @@ from tests.ops.test_balancer import REPLICA_ENV, haproxy
 from tests.reliability.conftest import finish_loadgen, metric_series, requests_with_status, start_loadgen
 from tests.server.test_api import free_port
 
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts/two-replicas.sh"
 LOAD_REQUESTS, LOAD_CONCURRENCY = 200, 16

@@ -19,6 +19,8 @@ from amskv.generate import decode_images
 from amskv.kvcache.manager import ActivationPeaks, KVCacheManager, measure_activations
 from amskv.sampling import SamplingParams
 
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
+
 PARAMS = SamplingParams(cfg=3.0, top_k=100, top_p=0.9)
 CPU = torch.device("cpu")
 

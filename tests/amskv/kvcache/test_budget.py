@@ -68,6 +68,7 @@ def run(engine: Engine, budget: int) -> Run:
     return Run(pool_bytes, max(max(warm_timeline), pool_bytes + max(calls_timeline, default=0)), results, manager)
 
 
+@pytest.mark.slow
 def test_growth_that_would_exceed_the_budget_is_refused_and_the_measured_kv_peak_stays_within_it(planned):
     # The growth one call needs, measured: with room for anything, layer 1 grows beyond the pool.
     free = run(planned, budget=2**40)
@@ -95,6 +96,7 @@ def test_growth_that_would_exceed_the_budget_is_refused_and_the_measured_kv_peak
     assert exact.manager.state().refused_expansions == 0
 
 
+@pytest.mark.slow
 def test_a_refused_expansion_in_a_whole_batch_call_gives_the_images_of_the_slots_which_refuse_it_too(planned):
     from amskv.scheduler import ImageSpec, Scheduler
 

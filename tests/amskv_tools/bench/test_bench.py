@@ -87,6 +87,7 @@ def test_throughput_suite_budget_binds(tmp_path):
     assert all(r["kv_bytes"] <= data["budget_bytes"] for r in data["rows"])
 
 
+@pytest.mark.slow
 def test_server_suite_through_http(tmp_path):
     data = run_cli(tmp_path, "server", "--no-plots")
     for policy in ("full", "amskv"):

@@ -3,9 +3,12 @@ they run, write their JSON and Markdown to the folder given, and report every va
 asserted: the figures are measurements, reported in docs/benchmarks.md."""
 from __future__ import annotations
 
+import pytest
 import json
 
 from amskv_tools.bench import engine_cpu, invariance_cpu
+
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
 
 
 def test_invariance_benchmark_reports_every_row_count_and_the_phi_convolution(tmp_path, capsys):

@@ -9,6 +9,8 @@ import pytest
 
 from amskv_tools.bench.gpu_sections import SKIPPED, Box, invariance_supported, run_section
 
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
+
 REPO = Path(__file__).resolve().parents[3]
 SECTIONS = ("max_batch", "throughput", "invariance", "scheduling", "compile")
 

@@ -123,6 +123,7 @@ def test_argument_errors(golden_dir, tmp_path, capsys):
     assert "3 layers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_progress_counts_the_images_on_stderr_unless_switched_off(golden_dir, tmp_path, capsys):
     argv = ["analyze", "--var", str(golden_dir / "tiny_var.pth"), "--vae", str(golden_dir / "vae.pth"),
             "--n", "2", "--batch", "1", "--out", str(tmp_path / "a")]

@@ -1,4 +1,5 @@
 """`amskv generate` writes one PNG per image, named by index, class and seed; image i uses seed + i."""
+import pytest
 import json
 
 import numpy as np
@@ -59,6 +60,7 @@ def test_class_names_as_the_api_takes_them(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_calibrated_once_then_its_cached_profile_is_used(golden_dir, tmp_path, capsys, caplog):
     import logging
 

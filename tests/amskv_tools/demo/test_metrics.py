@@ -80,6 +80,7 @@ def real_test_features():
     return features(load_classifier(), (images + 1) / 2)
 
 
+@pytest.mark.slow
 def test_fd_between_halves_of_real_test_set_is_small(real_test_features):
     perm = torch.randperm(len(real_test_features), generator=torch.Generator().manual_seed(0))
     a, b = feature_stats(real_test_features[perm[:5000]]), feature_stats(real_test_features[perm[5000:]])

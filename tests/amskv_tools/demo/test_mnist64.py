@@ -22,6 +22,8 @@ from server.settings import Settings, describe_validation_error
 from tests.amskv_tools.demo.test_train import digits
 from tests.tools import require_mnist
 
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
+
 MNIST64 = VAR_PRESETS["mnist64"]
 TINY_VQVAE = VQVAETrainConfig(steps=8, batch_size=8, warmup_steps=2, restart_every=4, checkpoint_every=4)
 TINY_VAR = VARTrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)

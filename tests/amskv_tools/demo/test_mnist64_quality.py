@@ -7,6 +7,8 @@ from amskv.engine import Engine
 from amskv.kvcache.policy import DEFAULT_POLICY
 from amskv.sampling import SamplingParams
 
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
+
 N, SEED, CFG = 500, 123, 3.0
 
 

@@ -34,6 +34,7 @@ def test_rows_resolve_to_concrete_policy_arguments(profile):
     assert len(rows) == len(SWEEP_256)  # labels are unique
 
 
+@pytest.mark.slow
 def test_noise_is_the_standard_error_of_block_means():
     from amskv_tools.demo.classifier import load_classifier, predict
     from amskv_tools.demo.metrics import psnr
@@ -59,6 +60,7 @@ def test_noise_is_the_standard_error_of_block_means():
     assert report.psnr_se == pytest.approx(statistics.stdev(psnrs) / 2 ** 0.5, rel=1e-9) and report.psnr_se > 0
 
 
+@pytest.mark.slow
 def test_demo_sweep_cli_writes_every_row(tmp_path):
     out = tmp_path / "sweep.json"
     assert main(["eval-quality", "--sweep", str(out), "--n", "20", "--cfg", "3"]) == 0

@@ -16,6 +16,8 @@ from amskv.engine import bundled_checkpoints
 from amskv.model.loading import infer_var_config, infer_vqvae_config, load_pair, load_vqvae, read_state_dict
 from tests.tools import require_mnist
 
+pytestmark = pytest.mark.slow  # every test here takes ~5 s or more on two cores
+
 DEMO = VAR_PRESETS["demo"]
 TINY_VQVAE = VQVAETrainConfig(steps=30, batch_size=16, warmup_steps=3, restart_every=10, checkpoint_every=10)
 TINY_VAR = VARTrainConfig(steps=30, batch_size=16, warmup_steps=3, checkpoint_every=10)
