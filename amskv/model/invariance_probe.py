@@ -18,20 +18,35 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from amskv.model import invariant
-from amskv.model.invariant import MODES, PLAIN, TILES, GemmForm, Linear, apply_forms
+from amskv.model.invariant import MODES, PLAIN, TILES, GemmForm, Linear
+from amskv.model.vqvae import Phi
 
 if TYPE_CHECKING:
     from amskv.model.var import VAR
     from amskv.model.vqvae import VQVAE
 
 logger = logging.getLogger(__name__)
+
+
+def apply_forms(var: VAR, vae: VQVAE, forms: Mapping[tuple, GemmForm], conv_fixed: bool) -> None:
+    """Give every linear layer the form of its (in, out, dtype, "linear") shape (PLAIN where none is listed),
+    the quantiser's soft-code product that of (V, Cvae, dtype, "codebook"), and switch the Phi convolutions to
+    fixed groups when ``conv_fixed``."""
+    for m in var.modules():
+        if isinstance(m, Linear):
+            m.gemm = forms.get((m.in_features, m.out_features, m.weight.dtype, "linear"), PLAIN)
+    codebook = vae.quantize.embedding.weight  # (V, Cvae)
+    vae.quantize.codebook_gemm = forms.get((codebook.shape[0], codebook.shape[1], codebook.dtype, "codebook"), PLAIN)
+    for m in vae.modules():
+        if isinstance(m, Phi):
+            m.batch_invariant = conv_fixed
 
 # The largest row count checked. A GEMM call packs its whole weight once, so every piece costs that again:
 # pieces of 512 rows measured ~4 % slower than one call at d16 widths, pieces of 1024 about 2 %.

@@ -19,16 +19,12 @@ groups of images instead (the quantiser's Phi during sampling; the decoder pads 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from amskv.model.vqvae import VQVAE
 
 # Images per convolution call in ``in_fixed_batches``.
 CONV_BATCH = 8
@@ -122,36 +118,7 @@ def in_fixed_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) whose GEMM runs in a ``GemmForm`` (plain by default)."""
 
-    gemm: GemmForm = PLAIN  # set with apply_forms / set_batch_invariant
+    gemm: GemmForm = PLAIN  # set by amskv.model.invariance_probe.apply_forms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gemm.linear(x, self.weight, self.bias)
-
-
-def apply_forms(var: nn.Module, vae: VQVAE, forms: Mapping[tuple, GemmForm], conv_fixed: bool) -> None:
-    """Give every linear layer the form of its (in, out, dtype, "linear") shape (PLAIN where none is listed),
-    the quantiser's soft-code product that of (V, Cvae, dtype, "codebook"), and switch the Phi convolutions to
-    fixed groups when ``conv_fixed``."""
-    from amskv.model.vqvae import Phi  # here: vqvae imports this module
-
-    for m in var.modules():
-        if isinstance(m, Linear):
-            m.gemm = forms.get((m.in_features, m.out_features, m.weight.dtype, "linear"), PLAIN)
-    codebook = vae.quantize.embedding.weight  # (V, Cvae)
-    vae.quantize.codebook_gemm = forms.get((codebook.shape[0], codebook.shape[1], codebook.dtype, "codebook"), PLAIN)
-    for m in vae.modules():
-        if isinstance(m, Phi):
-            m.batch_invariant = conv_fixed
-
-
-def set_batch_invariant(module: nn.Module, enabled: bool) -> None:
-    """Switch every layer under ``module`` to fixed tiles / fixed groups (``enabled``) or to plain calls."""
-    from amskv.model.vqvae import Phi, VectorQuantizer2
-
-    for m in module.modules():
-        if isinstance(m, Linear):
-            m.gemm = TILES if enabled else PLAIN
-        elif isinstance(m, Phi):
-            m.batch_invariant = enabled
-        elif isinstance(m, VectorQuantizer2):
-            m.codebook_gemm = TILES if enabled else PLAIN

@@ -172,7 +172,7 @@ class Phi(nn.Conv2d):
         super().__init__(channels, channels, 3, 1, 1)
         self.resi_ratio = abs(resi_ratio)
 
-    batch_invariant = False  # set with amskv.model.invariant.set_batch_invariant
+    batch_invariant = False  # set with amskv.model.invariance_probe.apply_forms
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         conv = super().forward
