@@ -49,12 +49,6 @@ def release_cached_blocks(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued kernels (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextmanager
 def cuda_peak(device: torch.device) -> Iterator[list[int]]:
     """Measure the allocator's peak above the bytes allocated on entry; the one-item list holds it on exit."""

@@ -130,11 +130,6 @@ def read_profile(path: str | Path) -> CalibrationProfile:
     return CalibrationProfile.from_dict(data, str(path))
 
 
-def load_profile(path) -> tuple[bool, ...]:
-    """Per-layer demand flags of a profile (what ``amskv-static`` needs)."""
-    return read_profile(path).demanding
-
-
 def check_profile_depth(policy, policy_args: dict, depth: int) -> None:
     """A profile made for another depth would silently misclassify layers: refuse it."""
     flags = getattr(policy, "demanding", None)

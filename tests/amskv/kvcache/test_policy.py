@@ -8,7 +8,7 @@ import pytest
 
 from amskv.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_DEMO
 from amskv.kvcache.policy import AMSKV_PRESETS, LayerState, OnlineAMSKVPolicy, StaticAMSKVPolicy, make_policy
-from amskv.kvcache.profile import load_profile
+from amskv.kvcache.profile import read_profile
 
 TOKENS_256 = tuple(p * p for p in PATCH_NUMS_256)  # 1 4 9 16 25 36 64 100 169 256
 
@@ -125,7 +125,7 @@ def test_make_policy_presets_and_arguments(tmp_path):
     assert make_policy("amskv-static", PATCH_NUMS_256).describe().endswith("demanding_layers=all)")
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"format": "amskv-profile/1", "depth": 3, "demanding": [False, True, False]}))
-    assert load_profile(path) == (False, True, False)
+    assert read_profile(path).demanding == (False, True, False)
     assert make_policy("amskv-static", PATCH_NUMS_256, {"profile": str(path)}).demanding == (False, True, False)
     for bad in [("amskv", {"preset": "nope"}), ("amskv", {"profile": str(path)}), ("window", {"c_min": 3}),
                 ("amskv-static", {"demanding": "012"}), ("lru", {})]:
@@ -133,7 +133,7 @@ def test_make_policy_presets_and_arguments(tmp_path):
             make_policy(bad[0], PATCH_NUMS_256, bad[1])
     path.write_text(json.dumps({"format": "other", "demanding": [True]}))
     with pytest.raises(ValueError):
-        load_profile(path)
+        read_profile(path)
 
 
 def test_static_flags_replace_the_online_test():
