@@ -76,7 +76,20 @@ def _check_total_and_top_k(body: GenerateRequest | ImagesGenerationRequest, labe
         body.top_k = limits.vocab_size  # the default (900) exceeds a small vocabulary: clamp it, no error
 
 
-class GenerateRequest(BaseModel):
+class _LabelledRequest(BaseModel):
+    """A generate body whose class labels its model validator resolves against the loaded model."""
+
+    _labels: list[int] = PrivateAttr(default_factory=list)
+
+    @property
+    def labels(self) -> list[int]:
+        """The class index of each label; set by validation with the model's limits (``ModelLimits``)."""
+        if not self._labels:
+            raise RuntimeError("the request was not validated against the model (ModelLimits context)")
+        return self._labels
+
+
+class GenerateRequest(_LabelledRequest):
     """Body of POST /v1/generate. Total images = len(class_labels) * n."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -98,7 +111,6 @@ class GenerateRequest(BaseModel):
     timeout_ms: int | None = Field(None, ge=1, description="may only shorten the server's request timeout")
     stream: bool = Field(False, description="answer text/event-stream: a preview event per image and scale, "
                          "then image events (b64_json only), then done (docs/api.md)")
-    _labels: list[int] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check_against_model(self, info: ValidationInfo) -> GenerateRequest:
@@ -119,13 +131,6 @@ class GenerateRequest(BaseModel):
     @property
     def num_images(self) -> int:
         return len(self.class_labels) * self.n
-
-    @property
-    def labels(self) -> list[int]:
-        """The class index of each label; set by validation with the model's limits."""
-        if not self._labels:
-            raise RuntimeError("the request was not validated against the model (ModelLimits context)")
-        return self._labels
 
 
 class ImageData(BaseModel):
@@ -238,7 +243,7 @@ ERROR_RESPONSES = {
 }
 
 
-class ImagesGenerationRequest(BaseModel):
+class ImagesGenerationRequest(_LabelledRequest):
     """Body of POST /v1/images/generations, OpenAI's Images API; our sampling fields are extras."""
 
     model_config = ConfigDict(extra="forbid")
@@ -268,7 +273,6 @@ class ImagesGenerationRequest(BaseModel):
     more_smooth: bool = False
     priority: int = Field(1, ge=0, le=2)
     timeout_ms: int | None = Field(None, ge=1)
-    _labels: list[int] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check_against_model(self, info: ValidationInfo) -> ImagesGenerationRequest:
@@ -294,14 +298,6 @@ class ImagesGenerationRequest(BaseModel):
         self._labels = _resolve_labels(limits.catalog, [self.prompt], "prompt")
         _check_total_and_top_k(self, 1, limits)
         return self
-
-    @property
-    def labels(self) -> list[int]:
-        """The prompt's class index as a one-label list, as GenerateRequest.labels; set by validation with the
-        model's limits."""
-        if not self._labels:
-            raise RuntimeError("the request was not validated against the model (ModelLimits context)")
-        return self._labels
 
 
 class OpenAIImage(BaseModel):
