@@ -36,9 +36,18 @@ class KVPolicy:
     """Base policy. ``decide`` may mutate the layer state and returns what the storage must do."""
 
     name = "base"
+    # a calibration profile's flags that the allocation plan reserved expansions for (OnlineAMSKVPolicy);
+    # None: the plan is the policy's own, and nothing can grow beyond it
+    planned: tuple[bool, ...] | None = None
 
     def init_layer(self, layer: int) -> LayerState:
         return LayerState()
+
+    def is_planned(self, layer: int) -> bool:
+        """Whether the allocation reserved this layer's expansion (always, without a profile)."""
+        if self.planned is None:  # static flags, or the worst case: every expansion is planned for
+            return True
+        return layer < len(self.planned) and self.planned[layer]
 
     def decide(self, state: LayerState, layer: int, si: int, scale_tokens: tuple[int, ...],
                similarity: Similarity, can_expand: CanExpand = True) -> Decision:
@@ -120,9 +129,7 @@ class AMSKVPolicy(KVPolicy):
     - the scale just inserted is never evicted unless ``evict_newest`` (a variant; docs/kv-cache.md §1).
     """
 
-    # static flags (StaticAMSKVPolicy) and a profile's planned flags (OnlineAMSKVPolicy); None in the other form
-    demanding: tuple[bool, ...] | None = None
-    planned: tuple[bool, ...] | None = None
+    demanding: tuple[bool, ...] | None = None  # static flags (StaticAMSKVPolicy); None online
 
     def __init__(self, c_cds: int = 2, c_min: int = 174, c_max: int = 274, theta: float = 0.8,
                  evict_newest: bool = False):
@@ -142,12 +149,6 @@ class AMSKVPolicy(KVPolicy):
 
     def _form_params(self) -> dict[str, object]:
         raise NotImplementedError
-
-    def is_planned(self, layer: int) -> bool:
-        """Whether the allocation reserved this layer's expansion (always, without a profile)."""
-        if self.planned is None:  # static flags, or the worst case: every expansion is planned for
-            return True
-        return layer < len(self.planned) and self.planned[layer]
 
     def init_layer(self, layer: int) -> LayerState:
         return LayerState(budget=self.c_min)

@@ -216,7 +216,7 @@ class LayerKV:
         T, in_ws, n = self._pending
         si = self.cache.scale
         policy = self.cache.policy
-        planned = getattr(policy, "is_planned", lambda layer: True)(self.layer)
+        planned = policy.is_planned(self.layer)
         can_expand: bool | Callable[[], bool] = planned
         if not planned and self.cache.allow_growth:  # growth beyond the plan, within the pool's allowance
             before = dataclasses.replace(self.state, kept=list(self.state.kept))
@@ -274,7 +274,7 @@ class KVCache:
         self.similarities: dict[int, dict[int, float]] = {}
         self.pool = pool
         # growth is legitimate only when the plan is a profile's, not the worst case
-        self.allow_growth = growth and getattr(policy, "planned", None) is not None
+        self.allow_growth = growth and policy.planned is not None
         self.growth = pool.growth
         self.unplanned_bytes = 0  # the peak of the grown buffers held at once (a replaced one is freed)
         self._grown_now = 0
@@ -351,5 +351,4 @@ class KVCache:
 
     def unplanned_expansions(self) -> list[int]:
         """Layers that expanded although the allocation plan (a profile's flags) did not reserve it."""
-        is_planned = getattr(self.policy, "is_planned", lambda layer: True)
-        return [layer for layer in self.expansions() if not is_planned(layer)]
+        return [layer for layer in self.expansions() if not self.policy.is_planned(layer)]
