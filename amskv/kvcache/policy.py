@@ -311,8 +311,8 @@ def make_policy(name: str, patch_nums: tuple[int, ...], args: Mapping[str, objec
             given_flags = args.pop("demanding", None)
             theta = _float(given.get("theta", budgets.get("theta", 0.8)), "theta")
             demanding = _flags(given_flags) if given_flags is not None else flags
-            policy = StaticAMSKVPolicy(demanding if demanding is not None else (True,) * 256,  # 256: more layers
-                                       c_cds, c_min, c_max, theta, evict_newest)  # than any model: all demanding
+            policy = StaticAMSKVPolicy(demanding if demanding is not None else _flags("all"),  # the safe bound
+                                       c_cds, c_min, c_max, theta, evict_newest)
         else:
             if "theta" in given:
                 theta = _float(given["theta"], "theta")
